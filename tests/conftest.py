@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny randomly initialised models (no download) and token data."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+VOCAB = 97
+
+
+def tiny_llama(layers=4, seed=0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def token_texts(n, lo, hi, length, seed):
+    """n encoded examples of random tokens in [lo, hi), every token a target."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ln = length - (i % 3)  # mixed lengths, so batches carry padding
+        ids = torch.randint(lo, hi, (ln,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": list(ids)})
+    return out
+
+
+def token_pairs(n, seed, prompt_len=6, answer_len=3):
+    """n encoded prompt/answer pairs: the answer is the prompt's first tokens (learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p = torch.randint(3, VOCAB, (prompt_len,), generator=g).tolist()
+        a = p[:answer_len]
+        out.append({"input_ids": p + a, "labels": [-100] * prompt_len + a})
+    return out
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
