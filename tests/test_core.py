@@ -424,3 +424,16 @@ def test_task_vector_cosine_matches_flattened_formula():
     assert ilu.cosine(tu, tft) == pytest.approx(want, rel=1e-6)
     assert ilu.cosine(tu, tu) == pytest.approx(1.0)
     assert ilu.cosine(tu, {k: -v for k, v in tu.items()}) == pytest.approx(-1.0)
+
+
+def test_step_memory_benchmark_runs_on_tiny_shape():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = subprocess.run([sys.executable, "benchmarks/step_memory.py", "--shape", "tiny", "--device", "cpu",
+                          "--seq-len", "32", "--env-batch", "4", "--env-len", "16", "--rmu-len", "16"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "NPO + ILU(GSM8K), 1x4 + 4" in out.stdout and "RMU (layer 6), batch 4" in out.stdout
