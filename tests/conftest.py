@@ -45,3 +45,19 @@ def token_pairs(n, seed, prompt_len=6, answer_len=3):
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+DATA = os.environ.get("ILU_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"real data files not found at {DATA}")
+
+
+def model_for(tokenizer, layers=2, seed=0, init=0.02):
+    """A tiny random Llama whose vocabulary matches `tokenizer`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      initializer_range=init, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()
