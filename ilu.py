@@ -922,13 +922,14 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
              grad_accum: int = 1, lr: float = 2e-5, warmup: int = 0, weight_decay: float = 0.0,
              max_grad_norm: float | None = 1.0, max_steps: int | None = None,
              hook: Callable[[int, float], None] | None = None, hook_steps: Iterable[int] = (),
-             hook_each_epoch: bool = True, seed: int = 0, progress: bool = True,
+             hook_each_epoch: bool = True, decay: bool = False, seed: int = 0, progress: bool = True,
              desc: str = "finetune") -> list[float]:
     """Full fine-tuning with plain NLL on the answer tokens: the downstream "attack".
 
     data: encoded prompt/answer pairs (`encode_pairs`). One step = grad_accum batches of
     batch_size. Runs `epochs` passes (fractions allowed) or `max_steps` steps, whichever is
-    given (max_steps wins). lr is constant after `warmup` steps. hook(step, epoch) is called
+    given (max_steps wins). lr is constant after `warmup` steps (or decays linearly to 0 with
+    decay=True). hook(step, epoch) is called
     after each step listed in hook_steps and at the end of every epoch (hook_each_epoch),
     so callers can evaluate along the way. Returns the loss of every step.
     """
@@ -960,7 +961,7 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, lr, warmup, decay=False)
+            group["lr"] = lr_at(step, total, lr, warmup, decay=decay)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
@@ -972,6 +973,32 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
             model.train()
     model.eval()
     return losses
+
+
+def tiny_target(texts: Sequence[str], vocab_size: int = 2048, hidden: int = 128, layers: int = 4,
+                heads: int = 4, max_length: int = 256, steps: int = 300, batch_size: int = 16,
+                lr: float = 3e-3, seed: int = 0, progress: bool = True):
+    """A tutorial-scale target model trained from scratch on `texts` (CPU, minutes).
+
+    A byte-level BPE tokenizer trained on the texts, a small Llama (fp32, untied embeddings),
+    and `steps` steps of next-token training through `finetune` (10% warmup, linear decay).
+    It memorises what the texts state, which is what the tiny runs then unlearn.
+    Returns (model, tokenizer); save both with save_pretrained to cache them.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(texts, vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3),
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max_length, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    data = encode_texts(tokenizer, texts, max_length)
+    finetune(model, data, max_steps=steps, batch_size=batch_size, lr=lr, warmup=steps // 10, decay=True,
+             hook_each_epoch=False, seed=seed, progress=progress, desc="train tiny target")
+    return model.eval(), tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -1230,9 +1257,26 @@ def state_of(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
 
 
-def task_vector(after: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """tau = after - before, per parameter tensor, in fp32."""
-    return {n: after[n].float() - before[n].float() for n in before}
+class TaskVector(Mapping):
+    """tau = after - before, per parameter tensor in fp32, computed when read (no 7B-sized copy)."""
+
+    def __init__(self, after: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor]):
+        self.after, self.before = after, before
+        self.names = [n for n in before if n in after]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.after[name].float() - self.before[name].float()
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def task_vector(after: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor]) -> TaskVector:
+    """tau = after - before over the parameters both hold (state dicts, `state_of` snapshots, lazy readers)."""
+    return TaskVector(after, before)
 
 
 def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:

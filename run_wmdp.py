@@ -1,0 +1,498 @@
+"""Reproduce the WMDP experiments of ILU (arXiv:2506.01339): Table 2, Figure 3, Table 3, Figure 4.
+
+    python run_wmdp.py --method npo --ilu-env gsm8k                   # NPO + ILU(GSM8K), Zephyr-7B, one GPU
+    python run_wmdp.py --method rmu --ilu-env none                    # the RMU baseline
+    python run_wmdp.py --method npo --ilu-env gsm8k --tiny --data-dir ../shared/data   # CPU, minutes
+    python run_wmdp.py --report runs/npo runs/npo-ilu --out runs/report   # merge runs: Table 2, Figure 4
+
+Pipeline (each stage saved to OUT/results.json as it ends; rerun the command to resume):
+evaluate the original model (WMDP-Bio, WMDP-Cyber, MMLU) -> fine-tune it on each task (the
+"Original" row's RA and FA, and the control) -> unlearn -> evaluate -> fine-tune the unlearned
+model on each task, evaluating forget quality along the way -> optional relearning attack
+(Table 3) -> task-vector cosines -> summary (OUT/results.md, OUT/curves.png).
+
+--tiny swaps the 7B model for a tiny Llama trained from scratch on CPU (cached) on text that
+states the answers of WMDP-Bio and MMLU questions, plus downstream-task text: a
+tutorial-scale stand-in for the pipeline, not a reproduction of the paper's numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import runlib
+from runlib import fail
+
+TASK_NAMES = ["gsm8k", "agnews", "sst2", "winogrande", "mnli", "qqp"]
+METHOD_DEFAULTS = {  # lr, batch size, grad accumulation, max tokens per forget/retain text
+    "npo": dict(lr=1e-5, batch_size=1, grad_accum=4, max_length=1024),       # authors' NPO-on-WMDP settings
+    "graddiff": dict(lr=1e-5, batch_size=1, grad_accum=4, max_length=1024),  # as NPO
+    "rmu": dict(lr=5e-5, batch_size=4, grad_accum=1, max_length=512),        # WMDP RMU, Zephyr-7B
+}
+TINY = dict(  # --tiny: sizes for 2 CPU cores (the whole run in about 5 minutes; see README)
+    npo=dict(lr=5e-4), graddiff=dict(lr=5e-4), rmu=dict(lr=5e-3, rmu_layer=2, rmu_coeff=100.0, rmu_alpha=100.0),
+    common=dict(steps=60, batch_size=8, grad_accum=1, max_length=256, env_batch_size=16, finetune_steps=40,
+                finetune_batch=8, finetune_lr=1e-4, fa_limit=200, relearn_lr=1e-4))
+
+
+def h(text, **kw):
+    return field(metadata=dict(help=text), **kw)
+
+
+@dataclass
+class Config:
+    method: str = h("unlearning method: npo, rmu or graddiff", default="npo")
+    ilu_env: list = h("ILU environments: 'none' (the base method) or tasks among " + ", ".join(TASK_NAMES)
+                      + " (paper: gsm8k)", default_factory=lambda: ["gsm8k"])
+    lam: float = h("weight of the invariance penalty (paper: 0.1-2)", default=1.0)
+    env_batch_size: int = h("environment examples per unlearning step (paper: 48)", default=48)
+    env_micro_batch: int = h("process the environment batch in chunks of this many rows; 0: all at once", default=0)
+    model: str = h("target model, hub name or local folder (ignored with --tiny)", default="HuggingFaceH4/zephyr-7b-beta")
+    data_dir: str = h("folder of local data copies (layout in README 'Data'); default: the hub", default=None)
+    out: str = h("output folder: results.json, results.md, curves.png, unlearned/", default="runs/wmdp")
+    seed: int = h("seed of sampling, fine-tuning order and RMU's control vector", default=0)
+    tiny: bool = h("tiny target trained from scratch on CPU instead of --model", default=False)
+    # unlearning
+    steps: int = h("unlearning optimizer steps (RMU reference: 150; NPO: not published, same budget)", default=150)
+    lr: float = h("unlearning learning rate; 0: method default (NPO/GradDiff 1e-5, RMU 5e-5)", default=0.0)
+    batch_size: int = h("forget and retain examples per micro-batch; 0: method default (NPO 1, RMU 4)", default=0)
+    grad_accum: int = h("micro-batches per step; 0: method default (NPO 4, RMU 1)", default=0)
+    max_length: int = h("tokens per forget/retain text; 0: method default (NPO 1024, RMU 512)", default=0)
+    beta: float = h("NPO inverse temperature (paper: 0.1)", default=0.1)
+    gamma: float = h("retain-loss weight for NPO and GradDiff (paper: 1)", default=1.0)
+    rmu_layer: int = h("RMU layer (Zephyr-7B: 7; trains layers l-2..l)", default=7)
+    rmu_coeff: float = h("RMU steering coefficient c (Zephyr-7B: 6.5)", default=6.5)
+    rmu_alpha: float = h("RMU retain weight alpha (Zephyr-7B: 1200)", default=1200.0)
+    forget_corpora: list = h("forget corpora (the bio forget corpus is gated: local copy)",
+                             default_factory=lambda: ["wmdp-bio-forget", "wmdp-cyber-forget"])
+    retain_corpora: list = h("retain corpora", default_factory=lambda: ["wmdp-bio-retain", "wmdp-cyber-retain"])
+    # fine-tuning attack
+    finetune_on: list = h("downstream fine-tuning sets", default_factory=lambda: list(TASK_NAMES))
+    finetune_steps: int = h("fine-tuning steps per task (follow-up paper: 250)", default=250)
+    finetune_epochs: float = h("fine-tuning epochs per task instead of --finetune-steps; 0: use steps", default=0.0)
+    finetune_batch: int = h("fine-tuning batch size (follow-up paper: 32)", default=32)
+    finetune_lr: float = h("fine-tuning learning rate (follow-up paper: 2e-5)", default=2e-5)
+    finetune_original: bool = h("also fine-tune the original model (Table 2's Original row, the control)", default=True)
+    curve_points: int = h("forget quality is measured at this many evenly spaced fine-tuning steps (and RA's)", default=4)
+    fa_limit: int = h("test examples per task for FA; 0: all", default=1000)
+    eval_limit: int = h("questions per benchmark (WMDP-Bio, WMDP-Cyber, MMLU); 0: all", default=0)
+    eval_batch: int = h("batch size of evaluation", default=16)
+    relearn: bool = h("relearning attack (Table 3): fine-tune on a few forget samples", default=False)
+    relearn_samples: int = h("forget samples for the relearning attack (paper: 60)", default=60)
+    relearn_epochs: float = h("relearning epochs (paper: 1)", default=1.0)
+    relearn_lr: float = h("relearning learning rate", default=2e-5)
+    task_vectors: bool = h("cosines of the task vectors on --tv-task (needs it in --finetune-on)", default=True)
+    tv_task: str = h("task of the task-vector analysis", default="gsm8k")
+    # tiny target
+    tiny_questions: int = h("--tiny: WMDP-Bio and MMLU questions whose answers the target learns", default=64)
+    tiny_repeat: int = h("--tiny: repetitions of each answer text in target training", default=12)
+    tiny_general: int = h("--tiny: downstream-task texts in target training", default=1200)
+    tiny_steps: int = h("--tiny: target training steps (batch 16)", default=400)
+    tiny_hidden: int = h("--tiny: hidden size of the tiny Llama", default=128)
+    tiny_layers: int = h("--tiny: layers of the tiny Llama", default=4)
+    cache_dir: str = h("--tiny: where trained tiny targets are cached", default="~/.cache/ilu")
+    report: list = h("merge the results.json of these run folders into one Table 2 and Figure 4 (in --out)",
+                     default_factory=list)
+
+
+def resolve(cfg: Config, explicit: set) -> Config:
+    """Validate the config (one line and exit 2 on bad input) and fill method and --tiny defaults."""
+    import ilu
+
+    if cfg.method not in ilu.METHODS:
+        fail(f"unknown method '{cfg.method}': choose one of {', '.join(ilu.METHODS)}")
+    envs = [] if cfg.ilu_env == ["none"] else cfg.ilu_env
+    for e in envs:
+        if e not in TASK_NAMES:
+            fail(f"unknown ILU environment '{e}': use none or tasks among {', '.join(TASK_NAMES)}")
+    for t in cfg.finetune_on:
+        if t not in TASK_NAMES:
+            fail(f"unknown fine-tuning set '{t}': choose among {', '.join(TASK_NAMES)}")
+    if cfg.lam < 0:
+        fail(f"--lam must be >= 0 (got {cfg.lam})")
+    for name in ("steps", "finetune_steps", "finetune_batch", "env_batch_size", "tiny_questions", "tiny_steps"):
+        if getattr(cfg, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
+    runlib.check_data_dir(cfg.data_dir)
+    defaults = dict(METHOD_DEFAULTS[cfg.method])
+    if cfg.tiny:
+        defaults.update(TINY["common"], **TINY[cfg.method])
+    for key, value in defaults.items():
+        if key not in explicit and (getattr(cfg, key) in (0, 0.0) or cfg.tiny):
+            setattr(cfg, key, value)
+    cfg.ilu_env = envs or ["none"]
+    return cfg
+
+
+# -- data and models ------------------------------------------------------------------------------
+
+def mc_pair(q: dict) -> dict:
+    """A question in the evaluation's own format (prompt) and its answer letter (answer)."""
+    import ilu
+
+    return {"prompt": ilu.mc_prompt(q["question"], q["choices"], q["subject"]), "answer": " " + "ABCD"[q["answer"]]}
+
+
+def mc_text(q: dict) -> str:
+    p = mc_pair(q)
+    return p["prompt"] + p["answer"]
+
+
+def short(questions, n, seed=None):
+    """n questions that fit the tiny context, n/4 with each answer letter (so chance is exactly 1/4)."""
+    qs = [q for q in questions if len(mc_text(q)) < 500]
+    if seed is not None:
+        random.Random(seed).shuffle(qs)
+    per_letter, out = {k: 0 for k in range(4)}, []
+    for q in qs:
+        if per_letter[q["answer"]] < n // 4:
+            per_letter[q["answer"]] += 1
+            out.append(q)
+    return out
+
+
+def setup_tiny(cfg: Config, tasks: list[str]):
+    """Tiny target, its questions, and the forget and retain sets.
+
+    The target learns the answers of n WMDP-Bio questions (to forget) and n MMLU questions
+    (to keep) as question-then-letter texts, mixed with downstream-task texts. Unlearning
+    then targets the answer letter of each forget question (prompt masked), and the retain
+    set is the MMLU questions with their letters.
+    """
+    import ilu
+
+    n = cfg.tiny_questions
+    bio = short(ilu.load_questions("wmdp-bio", cfg.data_dir), n)
+    cyber = short(ilu.load_questions("wmdp-cyber", cfg.data_dir), n)           # never trained: chance level
+    mmlu = short(ilu.load_questions("mmlu", cfg.data_dir), n, seed=0)
+    general = []
+    for t in tasks:
+        train, _, _ = runlib.task_split(t, cfg.data_dir, None, None, cfg.seed)
+        general += [r["prompt"] + r["answer"] for r in train[:cfg.tiny_general // max(len(tasks), 1)]]
+    texts = [mc_text(q) for q in bio + mmlu] * cfg.tiny_repeat + general
+    random.Random(0).shuffle(texts)
+    recipe = dict(name="wmdp", hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, steps=cfg.tiny_steps)
+    model, tok, _ = runlib.cached_tiny_target(cfg.cache_dir, recipe, texts, hidden=cfg.tiny_hidden,
+                                              layers=cfg.tiny_layers, steps=cfg.tiny_steps, max_length=256)
+    return model, tok, dict(bio=bio, cyber=cyber, mmlu=mmlu), [mc_pair(q) for q in bio], [mc_pair(q) for q in mmlu]
+
+
+def setup_full(cfg: Config):
+    import ilu
+
+    model, tok = ilu.load_model(cfg.model, gradient_checkpointing=True)
+    qs = {k: ilu.load_questions(name, cfg.data_dir) for k, name in
+          (("bio", "wmdp-bio"), ("cyber", "wmdp-cyber"), ("mmlu", "mmlu"))}
+    if cfg.eval_limit:
+        qs = {k: v[:cfg.eval_limit] for k, v in qs.items()}
+    forget = [t for c in cfg.forget_corpora for t in ilu.load_corpus(c, cfg.data_dir)]
+    retain = [t for c in cfg.retain_corpora for t in ilu.load_corpus(c, cfg.data_dir)]
+    return model, tok, qs, forget, retain
+
+
+def encode(tok, items, cfg):
+    """Raw texts (full scale: every token a target) or prompt/answer pairs (--tiny: the answer only)."""
+    import ilu
+
+    if items and isinstance(items[0], dict):
+        return ilu.encode_pairs(tok, items, max_length=cfg.max_length, add_eos=False)
+    return ilu.encode_texts(tok, items, cfg.max_length)
+
+
+# -- stages ------------------------------------------------------------------------------------------
+
+def evaluate(model, tok, qs, cfg) -> dict:
+    import ilu
+
+    acc = {k: ilu.mc_accuracy(model, tok, v, batch_size=cfg.eval_batch) for k, v in qs.items()}
+    return dict(wmdp_bio=acc["bio"], wmdp_cyber=acc["cyber"], mmlu=acc["mmlu"], fq=ilu.forget_quality(acc["bio"]))
+
+
+def finetune_stage(model, tok, task, cfg, qs, results, name, save_to=None):
+    """Fine-tune on one task; forget quality at the RA checkpoints, the curve points and each epoch; FA at the end."""
+    import ilu
+
+    train, test, note = runlib.task_split(task, cfg.data_dir, None, cfg.fa_limit or None, cfg.seed)
+    data = ilu.encode_pairs(tok, train, max_length=cfg.max_length)
+    per_epoch = math.ceil(len(data) / cfg.finetune_batch)
+    total = round(cfg.finetune_epochs * per_epoch) if cfg.finetune_epochs else cfg.finetune_steps
+    total = max(total, 1)
+    points = sorted(set(ilu.ra_checkpoints(total)) | {max(1, round(total * (i + 1) / cfg.curve_points))
+                                                      for i in range(cfg.curve_points)})
+    curve = []
+
+    def hook(step, epoch):
+        acc = ilu.mc_accuracy(model, tok, qs["bio"], batch_size=cfg.eval_batch, progress=False)
+        curve.append(dict(step=step, epoch=round(epoch, 3), wmdp_bio=acc, fq=ilu.forget_quality(acc)))
+
+    start = time.perf_counter()
+    losses = ilu.finetune(model, data, max_steps=total, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
+                          hook=hook, hook_steps=points, hook_each_epoch=total / per_epoch <= 10,
+                          seed=cfg.seed, desc=f"{name}")
+    curve = list({c["step"]: c for c in curve}.values())          # an epoch end may repeat a point
+    fq_at = {c["step"]: c["fq"] for c in curve}
+    entry = dict(task=task, steps=total, epochs=round(total / per_epoch, 3), train_examples=len(data),
+                 fa_examples=len(test), points=curve, ra=ilu.relearning_robustness(fq_at, total),
+                 fa=ilu.task_accuracy(model, tok, test, batch_size=cfg.eval_batch),
+                 loss_first=losses[0], loss_last=losses[-1])
+    if note:
+        entry["note"] = note
+    if save_to:
+        model.save_pretrained(save_to)
+    results.record(name, entry, start)
+    print(f"{name}: RA {entry['ra']:.3f} | FA {entry['fa']:.3f} | FQ along the way "
+          + " ".join(f"{c['step']}:{c['fq']:.2f}" for c in curve))
+
+
+def method_label(cfg_dict: dict) -> str:
+    envs = [e for e in cfg_dict["ilu_env"] if e != "none"]
+    base = cfg_dict["method"].upper() if cfg_dict["method"] != "graddiff" else "GradDiff"
+    if not envs:
+        return base
+    return f"{base} + ILU({'Multi' if len(envs) > 1 else envs[0].upper() if envs[0] == 'gsm8k' else envs[0]})"
+
+
+def summarize(results: runlib.Results, tasks: list[str]) -> dict:
+    st = results.data["stages"]
+    rows = {}
+    for who, eval_stage in (("original", "original"), ("unlearned", "unlearned")):
+        if eval_stage not in st:
+            continue
+        ft = {t: st[f"{who}/finetune/{t}"] for t in tasks if f"{who}/finetune/{t}" in st}
+        rows[who] = dict(fq=st[eval_stage]["fq"], mmlu=st[eval_stage]["mmlu"],
+                         wmdp_bio=st[eval_stage]["wmdp_bio"], wmdp_cyber=st[eval_stage]["wmdp_cyber"],
+                         avg_ra=sum(e["ra"] for e in ft.values()) / len(ft) if ft else None,
+                         avg_fa=sum(e["fa"] for e in ft.values()) / len(ft) if ft else None,
+                         ra={t: e["ra"] for t, e in ft.items()}, fa={t: e["fa"] for t, e in ft.items()})
+    if "relearn" in st:
+        rows["relearn"] = st["relearn"]
+    if "task_vectors" in st:
+        rows["task_vectors"] = st["task_vectors"]
+    return rows
+
+
+def table2_rows(label: str, summary: dict, original: bool = True) -> list[list]:
+    rows = []
+    for who, name in (("original", "Original"), ("unlearned", label)):
+        s = summary.get(who)
+        if s and (who == "unlearned" or original):
+            rows.append([name, s["fq"], 100 * s["mmlu"], s["avg_ra"], None if s["avg_fa"] is None else 100 * s["avg_fa"]])
+    return rows
+
+
+def write_report(results: runlib.Results, cfg: Config, tasks: list[str]) -> str:
+    s = results.data["summary"]
+    label = method_label(results.data["config"])
+    md = [f"# WMDP: {label}{' (tiny)' if cfg.tiny else ''}", "",
+          "Table 2 layout (FQ = 1 - WMDP-Bio accuracy; MMLU and FA in %; RA = mean FQ at the "
+          "first-quartile, median and final fine-tuning checkpoints):", "",
+          runlib.markdown_table(["method", "FQ", "MMLU", "Avg RA", "Avg FA"], table2_rows(label, s)), ""]
+    per_task = [[f"{who} {t}", s[who]["ra"].get(t), None if t not in s[who]["fa"] else 100 * s[who]["fa"][t]]
+                for who in ("original", "unlearned") if who in s for t in tasks]
+    md += ["Per fine-tuning set:", "", runlib.markdown_table(["model, task", "RA", "FA"], per_task), ""]
+    st = results.data["stages"]
+    for who in ("original", "unlearned"):
+        for t in tasks:
+            e = st.get(f"{who}/finetune/{t}")
+            if e:
+                md.append(f"- forget quality while fine-tuning the {who} model on {t} (step: FQ): "
+                          + ", ".join(f"{p['step']}: {p['fq']:.3f}" for p in e["points"])
+                          + (f" ({e['note']})" if e.get("note") else ""))
+    if "relearn" in s:
+        r = s["relearn"]
+        md += ["", f"Relearning attack (Table 3): FQ {r['fq_before']:.3f} -> {r['fq_after']:.3f} after fine-tuning "
+               f"on {r['samples']} forget samples ({r['eval_questions']} questions evaluated)."]
+    if "task_vectors" in s:
+        v = s["task_vectors"]
+        md += ["", f"Task vectors on {v['task']}: cos(tau_u->ft, tau_ft) = {v['cos_uft_ft']:.3f}, "
+               f"cos(tau_u->ft, tau_u) = {v['cos_uft_u']:.3f}."]
+    text = "\n".join(md) + "\n"
+    runlib.write_atomic(Path(cfg.out) / "results.md", text)
+    plot_curves(st, tasks, Path(cfg.out) / "curves.png", label)
+    return text
+
+
+def plot_curves(stages: dict, tasks: list[str], path: Path, label: str):
+    """Figure-3-style curves (FQ vs fine-tuning step), if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(3.2 * max(len(tasks), 1), 3), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for who, style in (("original", "--"), ("unlearned", "-")):
+            e = stages.get(f"{who}/finetune/{t}")
+            if e:
+                ax.plot([0] + [p["step"] for p in e["points"]],
+                        [stages[who]["fq"]] + [p["fq"] for p in e["points"]], style, marker="o",
+                        label="Original" if who == "original" else label)
+        ax.set_title(t)
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("forget quality (1 - WMDP-Bio acc)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- report mode: several runs into one Table 2 and Figure 4 -------------------------------------------
+
+def report(cfg: Config):
+    import json
+
+    runs = []
+    for folder in cfg.report:
+        p = Path(folder) / "results.json"
+        if not p.is_file():
+            fail(f"no results.json in {folder}")
+        runs.append(json.loads(p.read_text()))
+    rows, heat, tasks = [], [], []
+    for i, r in enumerate(runs):
+        label = method_label(r["config"])
+        rows += table2_rows(label, r["summary"], original=(i == 0))
+        st = r["stages"]
+        for t in r["config"]["finetune_on"]:
+            if f"unlearned/finetune/{t}" in st and t not in tasks:
+                tasks.append(t)
+        heat.append((label, {t: st[f"unlearned/finetune/{t}"]["points"][-1]["fq"]
+                             for t in tasks if f"unlearned/finetune/{t}" in st}))
+    md = ["# WMDP report", "", "Table 2:", "", runlib.markdown_table(["method", "FQ", "MMLU", "Avg RA", "Avg FA"], rows),
+          "", "Figure 4 (forget quality after fine-tuning; rows: method and ILU environment, columns: fine-tuning set):",
+          "", runlib.markdown_table(["method"] + tasks, [[lab] + [v.get(t) for t in tasks] for lab, v in heat])]
+    text = "\n".join(md) + "\n"
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    runlib.write_atomic(Path(cfg.out) / "report.md", text)
+    print(text)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 3, 0.5 * len(heat) + 1.5))
+    grid = [[v.get(t, float("nan")) for t in tasks] for _, v in heat]
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_yticks(range(len(heat)), [lab for lab, _ in heat])
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, label="forget quality after fine-tuning")
+    fig.tight_layout()
+    fig.savefig(Path(cfg.out) / "report.png", dpi=120)
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+def main():
+    import sys
+
+    cfg = runlib.parse_config(Config, description=__doc__)
+    if cfg.report:
+        return report(cfg)
+    explicit = {a[2:].split("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+    cfg = resolve(cfg, explicit)
+    runlib.check_out_dir(cfg.out)
+    import torch
+
+    import ilu
+
+    torch.manual_seed(cfg.seed)
+    conf = dataclasses.asdict(cfg)
+    print("config: " + ", ".join(f"{k}={v}" for k, v in conf.items() if not k.startswith("tiny_") or cfg.tiny))
+    results = runlib.Results(cfg.out, conf, [k for k in conf if k not in ("out", "report", "eval_batch", "cache_dir")])
+    envs = [e for e in cfg.ilu_env if e != "none"]
+    if not cfg.tiny:  # the model first: a wrong name fails before any data is fetched
+        model, tok, qs, forget_texts, retain_texts = setup_full(cfg)
+    tasks, skipped = runlib.available_tasks(cfg.finetune_on, cfg.data_dir)
+    for t, why in skipped.items():
+        print(f"skipping fine-tuning set {t}: {why}")
+    if cfg.tiny:
+        model, tok, qs, forget_texts, retain_texts = setup_tiny(cfg, sorted(set(tasks) | set(envs)))
+    out = Path(cfg.out)
+    theta_o = ilu.state_of(model)
+
+    if not results.done("original"):
+        start = time.perf_counter()
+        results.record("original", evaluate(model, tok, qs, cfg), start)
+    print("original: " + ", ".join(f"{k} {v:.3f}" for k, v in results.get("original").items() if k != "time_s"))
+    if cfg.finetune_original:
+        for t in tasks:
+            if not results.done(f"original/finetune/{t}"):
+                runlib.restore(model, theta_o)
+                save = out / "tv" / "original_ft" if cfg.task_vectors and t == cfg.tv_task else None
+                finetune_stage(model, tok, t, cfg, qs, results, f"original/finetune/{t}", save)
+
+    if results.done("unlearned") and (out / "unlearned" / "config.json").exists():
+        runlib.restore(model, runlib.SavedState(out / "unlearned", theta_o))
+    else:
+        runlib.restore(model, theta_o)
+        forget, retain = encode(tok, forget_texts, cfg), encode(tok, retain_texts, cfg)
+        env_data = {}
+        for e in envs:
+            train, _, _ = runlib.task_split(e, cfg.data_dir, None, None, cfg.seed)
+            env_data[e] = ilu.encode_pairs(tok, train, max_length=cfg.max_length)
+        start = time.perf_counter()
+        history = ilu.unlearn(model, forget, retain, cfg.method, envs=env_data, lam=cfg.lam, steps=cfg.steps,
+                              batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, env_batch_size=cfg.env_batch_size,
+                              env_micro_batch=cfg.env_micro_batch or None, lr=cfg.lr, beta=cfg.beta, gamma=cfg.gamma,
+                              rmu_layer=cfg.rmu_layer, rmu_coeff=cfg.rmu_coeff, rmu_alpha=cfg.rmu_alpha,
+                              max_grad_norm=None if cfg.method == "rmu" else 1.0, seed=cfg.seed)
+        model.save_pretrained(out / "unlearned")
+        tok.save_pretrained(out / "unlearned")
+        results.record("unlearn", dict(history=history, forget_examples=len(forget), retain_examples=len(retain),
+                                       envs={e: len(d) for e, d in env_data.items()}), start)
+        start = time.perf_counter()
+        results.record("unlearned", evaluate(model, tok, qs, cfg), start)
+    print("unlearned: " + ", ".join(f"{k} {v:.3f}" for k, v in results.get("unlearned").items() if k != "time_s"))
+    theta_u = ilu.state_of(model)
+
+    for t in tasks:
+        if not results.done(f"unlearned/finetune/{t}"):
+            runlib.restore(model, theta_u)
+            save = out / "tv" / "unlearned_ft" if cfg.task_vectors and t == cfg.tv_task else None
+            finetune_stage(model, tok, t, cfg, qs, results, f"unlearned/finetune/{t}", save)
+
+    if cfg.relearn and not results.done("relearn"):
+        runlib.restore(model, theta_u)
+        start = time.perf_counter()
+        if cfg.tiny:  # relearn on half of the forgotten answers, measure the other half
+            k = len(forget_texts) // 2
+            sample, held_out = forget_texts[:k], qs["bio"][k:]
+        else:
+            sample = random.Random(cfg.seed).sample(forget_texts, min(cfg.relearn_samples, len(forget_texts)))
+            held_out = qs["bio"]
+        before = ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)
+        data = encode(tok, sample, cfg)
+        ilu.finetune(model, data, epochs=cfg.relearn_epochs, batch_size=min(cfg.finetune_batch, len(data)),
+                     lr=cfg.relearn_lr, seed=cfg.seed, hook_each_epoch=False, desc="relearn")
+        after = ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)
+        results.record("relearn", dict(samples=len(sample), eval_questions=len(held_out),
+                                       fq_before=ilu.forget_quality(before), fq_after=ilu.forget_quality(after)), start)
+
+    tv = out / "tv"
+    if (cfg.task_vectors and not results.done("task_vectors") and (tv / "original_ft").exists()
+            and (tv / "unlearned_ft").exists()):
+        start = time.perf_counter()
+        u_ft = runlib.SavedState(tv / "unlearned_ft", theta_o)
+        ft = runlib.SavedState(tv / "original_ft", theta_o)
+        tau_u_ft = ilu.task_vector(u_ft, theta_u)
+        results.record("task_vectors", dict(task=cfg.tv_task,
+                                            cos_uft_ft=ilu.cosine(tau_u_ft, ilu.task_vector(ft, theta_o)),
+                                            cos_uft_u=ilu.cosine(tau_u_ft, ilu.task_vector(theta_u, theta_o))), start)
+
+    results.data["summary"] = summarize(results, tasks)
+    results.save()
+    print("\n" + write_report(results, cfg, tasks))
+
+
+if __name__ == "__main__":
+    runlib.run_main(main)

@@ -1,0 +1,114 @@
+"""run_wmdp.py end to end in a subprocess with a micro budget: results.json, resume, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, needs_data
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+MICRO = ["--tiny", "--tiny-questions", "8", "--tiny-steps", "8", "--tiny-hidden", "32", "--tiny-layers", "2",
+         "--tiny-general", "40", "--steps", "2", "--finetune-steps", "3", "--finetune-on", "sst2", "mnli",
+         "--fa-limit", "8", "--env-batch-size", "4", "--curve-points", "2", "--relearn", "--tv-task", "sst2"]
+
+
+def run(args, tmp_path, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "run_wmdp.py", *args, "--cache-dir", str(tmp_path / "cache")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@needs_data
+def test_micro_run_results_and_resume(tmp_path):
+    out = tmp_path / "run"
+    args = ["--method", "npo", "--ilu-env", "gsm8k", "--data-dir", DATA, "--out", str(out), *MICRO]
+    first = run(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"config", "stages", "summary"}
+    assert res["config"]["method"] == "npo" and res["config"]["ilu_env"] == ["gsm8k"]
+    st = res["stages"]
+    want = {"original", "original/finetune/sst2", "original/finetune/mnli", "unlearn", "unlearned",
+            "unlearned/finetune/sst2", "unlearned/finetune/mnli", "relearn", "task_vectors"}
+    assert set(st) == want
+    for name in ("original", "unlearned"):
+        assert set(st[name]) >= {"wmdp_bio", "wmdp_cyber", "mmlu", "fq", "time_s"}
+        assert st[name]["fq"] == pytest.approx(1 - st[name]["wmdp_bio"])
+    ft = st["unlearned/finetune/sst2"]
+    assert [p["step"] for p in ft["points"]] == [1, 2, 3]          # RA's checkpoints of a 3-step run
+    assert ft["ra"] == pytest.approx(sum(p["fq"] for p in ft["points"]) / 3)
+    assert 0 <= ft["fa"] <= 1 and ft["fa_examples"] == 8 and "note" in ft   # sst2 has no local train file
+    assert len(st["unlearn"]["history"]) == 2 and st["unlearn"]["history"][0]["irm"] > 0
+    assert {"fq_before", "fq_after", "samples"} <= set(st["relearn"])
+    assert -1 <= st["task_vectors"]["cos_uft_ft"] <= 1
+    s = res["summary"]
+    assert s["unlearned"]["avg_ra"] == pytest.approx((st["unlearned/finetune/sst2"]["ra"]
+                                                      + st["unlearned/finetune/mnli"]["ra"]) / 2)
+    assert set(s["unlearned"]["fa"]) == {"sst2", "mnli"}
+    md = (out / "results.md").read_text()
+    assert "| method | FQ | MMLU | Avg RA | Avg FA |" in md and "| NPO + ILU(GSM8K) |" in md
+    assert (out / "unlearned" / "config.json").exists()
+
+    # resume: nothing is recomputed
+    again = run(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stdout and "9 finished stages" in again.stdout
+    assert json.loads((out / "results.json").read_text())["stages"] == st
+    # resume after a lost stage: only that stage runs again
+    res["stages"].pop("unlearned/finetune/mnli")
+    (out / "results.json").write_text(json.dumps(res))
+    third = run(args, tmp_path)
+    assert third.returncode == 0, third.stderr[-2000:]
+    st3 = json.loads((out / "results.json").read_text())["stages"]
+    assert set(st3) == want
+    assert all(st3[k] == st[k] for k in want - {"unlearned/finetune/mnli"})
+    assert "unlearned/finetune/mnli: RA" in third.stdout and "unlearned/finetune/sst2: RA" not in third.stdout
+
+    # report mode merges runs into Table 2 and Figure 4
+    rep = subprocess.run([sys.executable, "run_wmdp.py", "--report", str(out), str(out), "--out", str(tmp_path / "rep")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Figure 4" in text and "| method | sst2 | mnli |" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "dpo"], "unknown method 'dpo'"),
+    (["--ilu-env", "imdb"], "unknown ILU environment 'imdb'"),
+    (["--lam", "-1"], "--lam must be >= 0"),
+    (["--finetune-on", "cola"], "unknown fine-tuning set 'cola'"),
+    (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data does not exist"),
+    (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["--model", "no-such-org/no-such-model-xyz", "--data-dir", "."], "cannot load model 'no-such-org/no-such-model-xyz'"),
+])
+def test_bad_input_one_line_exit_2_results_untouched(args, message, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    config = {}
+    if "--model" in args:  # earlier results of this very config, so that the run would resume
+        import dataclasses
+
+        sys.path.insert(0, ROOT)
+        import run_wmdp
+        import runlib
+
+        cfg = run_wmdp.resolve(runlib.parse_config(run_wmdp.Config, args + ["--out", str(out)]), set())
+        config = dataclasses.asdict(cfg)
+    earlier = json.dumps({"config": config, "stages": {"original": {"fq": 0.5}}, "summary": {}})
+    (out / "results.json").write_text(earlier)
+    r = run(args + ["--out", str(out)], tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert (out / "results.json").read_text() == earlier
+
+
+@needs_data
+def test_different_config_in_same_out_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"config": {"method": "rmu"}, "stages": {}, "summary": {}}))
+    r = run(["--method", "npo", "--data-dir", DATA, "--out", str(out), *MICRO], tmp_path)
+    assert r.returncode == 2 and "holds a run with different" in r.stderr
