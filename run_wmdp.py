@@ -17,115 +17,41 @@ tutorial-scale stand-in for the pipeline, not a reproduction of the paper's numb
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import runlib
-from runlib import fail
+from runlib import h
 
-TASK_NAMES = ["gsm8k", "agnews", "sst2", "winogrande", "mnli", "qqp"]
-METHOD_DEFAULTS = {  # lr, batch size, grad accumulation, max tokens per forget/retain text
-    "npo": dict(lr=1e-5, batch_size=1, grad_accum=4, max_length=1024),       # authors' NPO-on-WMDP settings
-    "graddiff": dict(lr=1e-5, batch_size=1, grad_accum=4, max_length=1024),  # as NPO
-    "rmu": dict(lr=5e-5, batch_size=4, grad_accum=1, max_length=512),        # WMDP RMU, Zephyr-7B
-}
 TINY = dict(  # --tiny: sizes for 2 CPU cores (the whole run in about 5 minutes; see README)
     npo=dict(lr=5e-4), graddiff=dict(lr=5e-4), rmu=dict(lr=5e-3, rmu_layer=2, rmu_coeff=100.0, rmu_alpha=100.0),
     common=dict(steps=60, batch_size=8, grad_accum=1, max_length=256, env_batch_size=16, finetune_steps=40,
                 finetune_batch=8, finetune_lr=1e-4, fa_limit=200, relearn_lr=1e-4))
 
 
-def h(text, **kw):
-    return field(metadata=dict(help=text), **kw)
-
-
 @dataclass
-class Config:
-    method: str = h("unlearning method: npo, rmu or graddiff", default="npo")
-    ilu_env: list = h("ILU environments: 'none' (the base method) or tasks among " + ", ".join(TASK_NAMES)
-                      + " (paper: gsm8k)", default_factory=lambda: ["gsm8k"])
-    lam: float = h("weight of the invariance penalty (paper: 0.1-2)", default=1.0)
-    env_batch_size: int = h("environment examples per unlearning step (paper: 48)", default=48)
-    env_micro_batch: int = h("process the environment batch in chunks of this many rows; 0: all at once", default=0)
+class Config(runlib.CommonConfig):
     model: str = h("target model, hub name or local folder (ignored with --tiny)", default="HuggingFaceH4/zephyr-7b-beta")
-    data_dir: str = h("folder of local data copies (layout in README 'Data'); default: the hub", default=None)
     out: str = h("output folder: results.json, results.md, curves.png, unlearned/", default="runs/wmdp")
-    seed: int = h("seed of sampling, fine-tuning order and RMU's control vector", default=0)
-    tiny: bool = h("tiny target trained from scratch on CPU instead of --model", default=False)
-    # unlearning
-    steps: int = h("unlearning optimizer steps (RMU reference: 150; NPO: not published, same budget)", default=150)
-    lr: float = h("unlearning learning rate; 0: method default (NPO/GradDiff 1e-5, RMU 5e-5)", default=0.0)
-    batch_size: int = h("forget and retain examples per micro-batch; 0: method default (NPO 1, RMU 4)", default=0)
-    grad_accum: int = h("micro-batches per step; 0: method default (NPO 4, RMU 1)", default=0)
-    max_length: int = h("tokens per forget/retain text; 0: method default (NPO 1024, RMU 512)", default=0)
-    beta: float = h("NPO inverse temperature (paper: 0.1)", default=0.1)
-    gamma: float = h("retain-loss weight for NPO and GradDiff (paper: 1)", default=1.0)
-    rmu_layer: int = h("RMU layer (Zephyr-7B: 7; trains layers l-2..l)", default=7)
-    rmu_coeff: float = h("RMU steering coefficient c (Zephyr-7B: 6.5)", default=6.5)
-    rmu_alpha: float = h("RMU retain weight alpha (Zephyr-7B: 1200)", default=1200.0)
     forget_corpora: list = h("forget corpora (the bio forget corpus is gated: local copy)",
                              default_factory=lambda: ["wmdp-bio-forget", "wmdp-cyber-forget"])
     retain_corpora: list = h("retain corpora", default_factory=lambda: ["wmdp-bio-retain", "wmdp-cyber-retain"])
-    # fine-tuning attack
-    finetune_on: list = h("downstream fine-tuning sets", default_factory=lambda: list(TASK_NAMES))
-    finetune_steps: int = h("fine-tuning steps per task (follow-up paper: 250)", default=250)
-    finetune_epochs: float = h("fine-tuning epochs per task instead of --finetune-steps; 0: use steps", default=0.0)
-    finetune_batch: int = h("fine-tuning batch size (follow-up paper: 32)", default=32)
-    finetune_lr: float = h("fine-tuning learning rate (follow-up paper: 2e-5)", default=2e-5)
-    finetune_original: bool = h("also fine-tune the original model (Table 2's Original row, the control)", default=True)
     curve_points: int = h("forget quality is measured at this many evenly spaced fine-tuning steps (and RA's)", default=4)
-    fa_limit: int = h("test examples per task for FA; 0: all", default=1000)
     eval_limit: int = h("questions per benchmark (WMDP-Bio, WMDP-Cyber, MMLU); 0: all", default=0)
-    eval_batch: int = h("batch size of evaluation", default=16)
     relearn: bool = h("relearning attack (Table 3): fine-tune on a few forget samples", default=False)
     relearn_samples: int = h("forget samples for the relearning attack (paper: 60)", default=60)
     relearn_epochs: float = h("relearning epochs (paper: 1)", default=1.0)
     relearn_lr: float = h("relearning learning rate", default=2e-5)
     task_vectors: bool = h("cosines of the task vectors on --tv-task (needs it in --finetune-on)", default=True)
     tv_task: str = h("task of the task-vector analysis", default="gsm8k")
-    # tiny target
     tiny_questions: int = h("--tiny: WMDP-Bio and MMLU questions whose answers the target learns", default=64)
     tiny_repeat: int = h("--tiny: repetitions of each answer text in target training", default=12)
     tiny_general: int = h("--tiny: downstream-task texts in target training", default=1200)
     tiny_steps: int = h("--tiny: target training steps (batch 16)", default=400)
     tiny_hidden: int = h("--tiny: hidden size of the tiny Llama", default=128)
     tiny_layers: int = h("--tiny: layers of the tiny Llama", default=4)
-    cache_dir: str = h("--tiny: where trained tiny targets are cached", default="~/.cache/ilu")
-    report: list = h("merge the results.json of these run folders into one Table 2 and Figure 4 (in --out)",
-                     default_factory=list)
-
-
-def resolve(cfg: Config, explicit: set) -> Config:
-    """Validate the config (one line and exit 2 on bad input) and fill method and --tiny defaults."""
-    import ilu
-
-    if cfg.method not in ilu.METHODS:
-        fail(f"unknown method '{cfg.method}': choose one of {', '.join(ilu.METHODS)}")
-    envs = [] if cfg.ilu_env == ["none"] else cfg.ilu_env
-    for e in envs:
-        if e not in TASK_NAMES:
-            fail(f"unknown ILU environment '{e}': use none or tasks among {', '.join(TASK_NAMES)}")
-    for t in cfg.finetune_on:
-        if t not in TASK_NAMES:
-            fail(f"unknown fine-tuning set '{t}': choose among {', '.join(TASK_NAMES)}")
-    if cfg.lam < 0:
-        fail(f"--lam must be >= 0 (got {cfg.lam})")
-    for name in ("steps", "finetune_steps", "finetune_batch", "env_batch_size", "tiny_questions", "tiny_steps"):
-        if getattr(cfg, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
-    runlib.check_data_dir(cfg.data_dir)
-    defaults = dict(METHOD_DEFAULTS[cfg.method])
-    if cfg.tiny:
-        defaults.update(TINY["common"], **TINY[cfg.method])
-    for key, value in defaults.items():
-        if key not in explicit and (getattr(cfg, key) in (0, 0.0) or cfg.tiny):
-            setattr(cfg, key, value)
-    cfg.ilu_env = envs or ["none"]
-    return cfg
 
 
 # -- data and models ------------------------------------------------------------------------------
@@ -194,15 +120,6 @@ def setup_full(cfg: Config):
     return model, tok, qs, forget, retain
 
 
-def encode(tok, items, cfg):
-    """Raw texts (full scale: every token a target) or prompt/answer pairs (--tiny: the answer only)."""
-    import ilu
-
-    if items and isinstance(items[0], dict):
-        return ilu.encode_pairs(tok, items, max_length=cfg.max_length, add_eos=False)
-    return ilu.encode_texts(tok, items, cfg.max_length)
-
-
 # -- stages ------------------------------------------------------------------------------------------
 
 def evaluate(model, tok, qs, cfg) -> dict:
@@ -218,9 +135,7 @@ def finetune_stage(model, tok, task, cfg, qs, results, name, save_to=None):
 
     train, test, note = runlib.task_split(task, cfg.data_dir, None, cfg.fa_limit or None, cfg.seed)
     data = ilu.encode_pairs(tok, train, max_length=cfg.max_length)
-    per_epoch = math.ceil(len(data) / cfg.finetune_batch)
-    total = round(cfg.finetune_epochs * per_epoch) if cfg.finetune_epochs else cfg.finetune_steps
-    total = max(total, 1)
+    total, per_epoch = runlib.finetune_steps(cfg, len(data))
     points = sorted(set(ilu.ra_checkpoints(total)) | {max(1, round(total * (i + 1) / cfg.curve_points))
                                                       for i in range(cfg.curve_points)})
     curve = []
@@ -246,14 +161,6 @@ def finetune_stage(model, tok, task, cfg, qs, results, name, save_to=None):
     results.record(name, entry, start)
     print(f"{name}: RA {entry['ra']:.3f} | FA {entry['fa']:.3f} | FQ along the way "
           + " ".join(f"{c['step']}:{c['fq']:.2f}" for c in curve))
-
-
-def method_label(cfg_dict: dict) -> str:
-    envs = [e for e in cfg_dict["ilu_env"] if e != "none"]
-    base = cfg_dict["method"].upper() if cfg_dict["method"] != "graddiff" else "GradDiff"
-    if not envs:
-        return base
-    return f"{base} + ILU({'Multi' if len(envs) > 1 else envs[0].upper() if envs[0] == 'gsm8k' else envs[0]})"
 
 
 def summarize(results: runlib.Results, tasks: list[str]) -> dict:
@@ -286,7 +193,7 @@ def table2_rows(label: str, summary: dict, original: bool = True) -> list[list]:
 
 def write_report(results: runlib.Results, cfg: Config, tasks: list[str]) -> str:
     s = results.data["summary"]
-    label = method_label(results.data["config"])
+    label = runlib.method_label(results.data["config"])
     md = [f"# WMDP: {label}{' (tiny)' if cfg.tiny else ''}", "",
           "Table 2 layout (FQ = 1 - WMDP-Bio accuracy; MMLU and FA in %; RA = mean FQ at the "
           "first-quartile, median and final fine-tuning checkpoints):", "",
@@ -346,17 +253,10 @@ def plot_curves(stages: dict, tasks: list[str], path: Path, label: str):
 # -- report mode: several runs into one Table 2 and Figure 4 -------------------------------------------
 
 def report(cfg: Config):
-    import json
-
-    runs = []
-    for folder in cfg.report:
-        p = Path(folder) / "results.json"
-        if not p.is_file():
-            fail(f"no results.json in {folder}")
-        runs.append(json.loads(p.read_text()))
+    runs = runlib.load_reports(cfg.report)
     rows, heat, tasks = [], [], []
     for i, r in enumerate(runs):
-        label = method_label(r["config"])
+        label = runlib.method_label(r["config"])
         rows += table2_rows(label, r["summary"], original=(i == 0))
         st = r["stages"]
         for t in r["config"]["finetune_on"]:
@@ -398,17 +298,10 @@ def main():
     cfg = runlib.parse_config(Config, description=__doc__)
     if cfg.report:
         return report(cfg)
-    explicit = {a[2:].split("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
-    cfg = resolve(cfg, explicit)
-    runlib.check_out_dir(cfg.out)
-    import torch
-
+    cfg = runlib.resolve(cfg, runlib.explicit_flags(sys.argv[1:]), TINY, positive=("tiny_questions", "tiny_steps"))
+    results = runlib.start_run(cfg)
     import ilu
 
-    torch.manual_seed(cfg.seed)
-    conf = dataclasses.asdict(cfg)
-    print("config: " + ", ".join(f"{k}={v}" for k, v in conf.items() if not k.startswith("tiny_") or cfg.tiny))
-    results = runlib.Results(cfg.out, conf, [k for k in conf if k not in ("out", "report", "eval_batch", "cache_dir")])
     envs = [e for e in cfg.ilu_env if e != "none"]
     if not cfg.tiny:  # the model first: a wrong name fails before any data is fetched
         model, tok, qs, forget_texts, retain_texts = setup_full(cfg)
@@ -435,21 +328,7 @@ def main():
         runlib.restore(model, runlib.SavedState(out / "unlearned", theta_o))
     else:
         runlib.restore(model, theta_o)
-        forget, retain = encode(tok, forget_texts, cfg), encode(tok, retain_texts, cfg)
-        env_data = {}
-        for e in envs:
-            train, _, _ = runlib.task_split(e, cfg.data_dir, None, None, cfg.seed)
-            env_data[e] = ilu.encode_pairs(tok, train, max_length=cfg.max_length)
-        start = time.perf_counter()
-        history = ilu.unlearn(model, forget, retain, cfg.method, envs=env_data, lam=cfg.lam, steps=cfg.steps,
-                              batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, env_batch_size=cfg.env_batch_size,
-                              env_micro_batch=cfg.env_micro_batch or None, lr=cfg.lr, beta=cfg.beta, gamma=cfg.gamma,
-                              rmu_layer=cfg.rmu_layer, rmu_coeff=cfg.rmu_coeff, rmu_alpha=cfg.rmu_alpha,
-                              max_grad_norm=None if cfg.method == "rmu" else 1.0, seed=cfg.seed)
-        model.save_pretrained(out / "unlearned")
-        tok.save_pretrained(out / "unlearned")
-        results.record("unlearn", dict(history=history, forget_examples=len(forget), retain_examples=len(retain),
-                                       envs={e: len(d) for e, d in env_data.items()}), start)
+        runlib.unlearn_stage(model, tok, cfg, forget_texts, retain_texts, results, out)
         start = time.perf_counter()
         results.record("unlearned", evaluate(model, tok, qs, cfg), start)
     print("unlearned: " + ", ".join(f"{k} {v:.3f}" for k, v in results.get("unlearned").items() if k != "time_s"))
@@ -471,7 +350,7 @@ def main():
             sample = random.Random(cfg.seed).sample(forget_texts, min(cfg.relearn_samples, len(forget_texts)))
             held_out = qs["bio"]
         before = ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)
-        data = encode(tok, sample, cfg)
+        data = runlib.encode(tok, sample, cfg.max_length)
         ilu.finetune(model, data, epochs=cfg.relearn_epochs, batch_size=min(cfg.finetune_batch, len(data)),
                      lr=cfg.relearn_lr, seed=cfg.seed, hook_each_epoch=False, desc="relearn")
         after = ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)

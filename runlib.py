@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -57,6 +58,155 @@ def run_main(main: Callable[[], None]):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted: finished stages are saved in results.json; run the same command to resume")
+
+
+# -- the configuration both runners share ------------------------------------------------------
+
+TASK_NAMES = ["gsm8k", "agnews", "sst2", "winogrande", "mnli", "qqp"]
+METHOD_DEFAULTS = {  # lr, batch size, grad accumulation, max tokens per forget/retain text
+    "npo": dict(lr=1e-5, batch_size=1, grad_accum=4, max_length=1024),       # authors' NPO-on-WMDP settings
+    "graddiff": dict(lr=1e-5, batch_size=1, grad_accum=4, max_length=1024),  # as NPO
+    "rmu": dict(lr=5e-5, batch_size=4, grad_accum=1, max_length=512),        # WMDP RMU, Zephyr-7B
+}
+
+
+def h(text, **kw):
+    """A dataclass field documented for --help."""
+    return dataclasses.field(metadata=dict(help=text), **kw)
+
+
+@dataclasses.dataclass
+class CommonConfig:
+    method: str = h("unlearning method: npo, rmu or graddiff", default="npo")
+    ilu_env: list = h("ILU environments: 'none' (the base method) or tasks among " + ", ".join(TASK_NAMES)
+                      + " (paper: gsm8k)", default_factory=lambda: ["gsm8k"])
+    lam: float = h("weight of the invariance penalty (paper: 0.1-2)", default=1.0)
+    env_batch_size: int = h("environment examples per unlearning step (paper: 48)", default=48)
+    env_micro_batch: int = h("process the environment batch in chunks of this many rows; 0: all at once", default=0)
+    model: str = h("target model, hub name or local folder (ignored with --tiny)", default="")
+    data_dir: str = h("folder of local data copies (layout in README 'Data'); default: the hub", default=None)
+    out: str = h("output folder: results.json, results.md, unlearned/", default="runs/out")
+    seed: int = h("seed of sampling, fine-tuning order and RMU's control vector", default=0)
+    tiny: bool = h("tiny target trained from scratch on CPU instead of --model", default=False)
+    # unlearning
+    steps: int = h("unlearning optimizer steps (RMU reference: 150; NPO: not published, same budget)", default=150)
+    lr: float = h("unlearning learning rate; 0: method default (NPO/GradDiff 1e-5, RMU 5e-5)", default=0.0)
+    batch_size: int = h("forget and retain examples per micro-batch; 0: method default (NPO 1, RMU 4)", default=0)
+    grad_accum: int = h("micro-batches per step; 0: method default (NPO 4, RMU 1)", default=0)
+    max_length: int = h("tokens per forget/retain text; 0: method default (NPO 1024, RMU 512)", default=0)
+    beta: float = h("NPO inverse temperature (paper: 0.1)", default=0.1)
+    gamma: float = h("retain-loss weight for NPO and GradDiff (paper: 1)", default=1.0)
+    rmu_layer: int = h("RMU layer (Zephyr-7B: 7; trains layers l-2..l)", default=7)
+    rmu_coeff: float = h("RMU steering coefficient c (Zephyr-7B: 6.5)", default=6.5)
+    rmu_alpha: float = h("RMU retain weight alpha (Zephyr-7B: 1200)", default=1200.0)
+    # fine-tuning attack
+    finetune_on: list = h("downstream fine-tuning sets", default_factory=lambda: list(TASK_NAMES))
+    finetune_steps: int = h("fine-tuning steps per task (follow-up paper: 250)", default=250)
+    finetune_epochs: float = h("fine-tuning epochs per task instead of --finetune-steps; 0: use steps", default=0.0)
+    finetune_batch: int = h("fine-tuning batch size (follow-up paper: 32)", default=32)
+    finetune_lr: float = h("fine-tuning learning rate (follow-up paper: 2e-5)", default=2e-5)
+    finetune_original: bool = h("also fine-tune the original model (the Original rows, the control)", default=True)
+    fa_limit: int = h("test examples per task for FA; 0: all", default=1000)
+    eval_batch: int = h("batch size of evaluation", default=16)
+    cache_dir: str = h("--tiny: where trained tiny targets are cached", default="~/.cache/ilu")
+    report: list = h("merge the results.json of these run folders (or folders holding them) into one table, in --out",
+                     default_factory=list)
+
+
+def explicit_flags(argv) -> set:
+    """Config fields named on the command line (their defaults are not replaced)."""
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def resolve(cfg, explicit: set, tiny_defaults: dict, positive=()):
+    """Validate the shared options (one line, exit 2) and fill method and --tiny defaults in place."""
+    if cfg.method not in ilu.METHODS:
+        fail(f"unknown method '{cfg.method}': choose one of {', '.join(ilu.METHODS)}")
+    envs = [] if cfg.ilu_env == ["none"] else cfg.ilu_env
+    for e in envs:
+        if e not in TASK_NAMES:
+            fail(f"unknown ILU environment '{e}': use none or tasks among {', '.join(TASK_NAMES)}")
+    for t in cfg.finetune_on:
+        if t not in TASK_NAMES:
+            fail(f"unknown fine-tuning set '{t}': choose among {', '.join(TASK_NAMES)}")
+    if cfg.lam < 0:
+        fail(f"--lam must be >= 0 (got {cfg.lam})")
+    for name in ("steps", "finetune_steps", "finetune_batch", "env_batch_size", *positive):
+        if getattr(cfg, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
+    check_data_dir(cfg.data_dir)
+    defaults = dict(METHOD_DEFAULTS[cfg.method])
+    if cfg.tiny:
+        defaults.update(tiny_defaults["common"], **tiny_defaults[cfg.method])
+    for key, value in defaults.items():
+        if key not in explicit and (getattr(cfg, key) in (0, 0.0) or cfg.tiny):
+            setattr(cfg, key, value)
+    cfg.ilu_env = envs or ["none"]
+    return cfg
+
+
+def start_run(cfg, extra_free=()):
+    """Print the config, check --out and open its results (resume)."""
+    check_out_dir(cfg.out)
+    torch.manual_seed(cfg.seed)
+    conf = dataclasses.asdict(cfg)
+    print("config: " + ", ".join(f"{k}={v}" for k, v in conf.items() if not k.startswith("tiny_") or cfg.tiny))
+    free = {"out", "report", "eval_batch", "cache_dir", *extra_free}
+    return Results(cfg.out, conf, [k for k in conf if k not in free])
+
+
+def method_label(cfg_dict: dict) -> str:
+    """"NPO", "NPO + ILU(GSM8K)", "RMU + ILU(Multi)", ... from a run's config."""
+    envs = [e for e in cfg_dict["ilu_env"] if e != "none"]
+    base = cfg_dict["method"].upper() if cfg_dict["method"] != "graddiff" else "GradDiff"
+    if not envs:
+        return base
+    return f"{base} + ILU({'Multi' if len(envs) > 1 else envs[0].upper() if envs[0] == 'gsm8k' else envs[0]})"
+
+
+def encode(tok, items, max_length: int):
+    """Raw texts (every token a target) or prompt/answer pairs (the answer only, no EOS)."""
+    if items and isinstance(items[0], dict):
+        return ilu.encode_pairs(tok, items, max_length=max_length, add_eos=False)
+    return ilu.encode_texts(tok, items, max_length)
+
+
+def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path):
+    """Unlearn (with the ILU environments of cfg), save the model to out/unlearned, record the history."""
+    forget, retain = encode(tok, forget_items, cfg.max_length), encode(tok, retain_items, cfg.max_length)
+    env_data = {}
+    for e in (e for e in cfg.ilu_env if e != "none"):
+        train, _, _ = task_split(e, cfg.data_dir, None, None, cfg.seed)
+        env_data[e] = ilu.encode_pairs(tok, train, max_length=cfg.max_length)
+    start = time.perf_counter()
+    history = ilu.unlearn(model, forget, retain, cfg.method, envs=env_data, lam=cfg.lam, steps=cfg.steps,
+                          batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, env_batch_size=cfg.env_batch_size,
+                          env_micro_batch=cfg.env_micro_batch or None, lr=cfg.lr, beta=cfg.beta, gamma=cfg.gamma,
+                          rmu_layer=cfg.rmu_layer, rmu_coeff=cfg.rmu_coeff, rmu_alpha=cfg.rmu_alpha,
+                          max_grad_norm=None if cfg.method == "rmu" else 1.0, seed=cfg.seed)
+    model.save_pretrained(out / "unlearned")
+    tok.save_pretrained(out / "unlearned")
+    results.record("unlearn", dict(history=history, forget_examples=len(forget), retain_examples=len(retain),
+                                   envs={e: len(d) for e, d in env_data.items()}), start)
+
+
+def finetune_steps(cfg, n_examples: int) -> tuple[int, int]:
+    """(total steps, steps per epoch) of a fine-tuning run on n_examples."""
+    per_epoch = math.ceil(n_examples / cfg.finetune_batch)
+    total = round(cfg.finetune_epochs * per_epoch) if cfg.finetune_epochs else cfg.finetune_steps
+    return max(total, 1), per_epoch
+
+
+def load_reports(folders: list[str]) -> list[dict]:
+    """results.json of each folder, or of each subfolder that has one."""
+    runs = []
+    for folder in folders:
+        p = Path(folder)
+        found = [p / "results.json"] if (p / "results.json").is_file() else sorted(p.glob("*/results.json"))
+        if not found:
+            fail(f"no results.json in {folder} or its subfolders")
+        runs += [json.loads(f.read_text()) for f in found]
+    return runs
 
 
 # -- results: one JSON file, written atomically after every stage ----------------------------

@@ -1,7 +1,6 @@
 """Metrics against independent oracles: a plain re-implementation of lm-eval's rule, hand
 computations, the rouge_score package (when installed), unbatched generation."""
 import json
-import math
 import os
 import random
 

@@ -94,7 +94,7 @@ def test_bad_input_one_line_exit_2_results_untouched(args, message, tmp_path):
         import run_wmdp
         import runlib
 
-        cfg = run_wmdp.resolve(runlib.parse_config(run_wmdp.Config, args + ["--out", str(out)]), set())
+        cfg = runlib.resolve(runlib.parse_config(run_wmdp.Config, args + ["--out", str(out)]), set(), run_wmdp.TINY)
         config = dataclasses.asdict(cfg)
     earlier = json.dumps({"config": config, "stages": {"original": {"fq": 0.5}}, "summary": {}})
     (out / "results.json").write_text(earlier)
