@@ -49,12 +49,8 @@ class Config(runlib.CommonConfig):
     tiny_passages: int = h("--tiny: verbmem passages and QA pairs of each split the target learns", default=32)
     tiny_prompt_chars: int = h("--tiny: characters of each verbmem prompt kept (its end)", default=150)
     tiny_gt_chars: int = h("--tiny: characters of each ground-truth continuation kept (its start)", default=250)
-    tiny_repeat: int = h("--tiny: repetitions of each MUSE passage and excerpt in target training", default=12)
     tiny_qa_repeat: int = h("--tiny: repetitions of each QA pair in target training", default=36)
-    tiny_general: int = h("--tiny: downstream-task texts in target training", default=1200)
     tiny_steps: int = h("--tiny: target training steps (batch 16)", default=800)
-    tiny_hidden: int = h("--tiny: hidden size of the tiny Llama", default=128)
-    tiny_layers: int = h("--tiny: layers of the tiny Llama", default=4)
 
 
 def qa_text(r: dict) -> str:
@@ -232,14 +228,7 @@ def main():
     results = runlib.start_run(cfg)
     import ilu
 
-    if not cfg.tiny:
-        model, tok, ev, forget, retain = setup_full(cfg)
-    tasks, skipped = runlib.available_tasks(cfg.finetune_on, cfg.data_dir)
-    for t, why in skipped.items():
-        print(f"skipping fine-tuning set {t}: {why}")
-    if cfg.tiny:
-        envs = [e for e in cfg.ilu_env if e != "none"]
-        model, tok, ev, forget, retain = setup_tiny(cfg, sorted(set(tasks) | set(envs)))
+    model, tok, ev, forget, retain, tasks = runlib.setup(cfg, setup_full, setup_tiny)
     out = Path(cfg.out)
     theta_o = ilu.state_of(model)
 

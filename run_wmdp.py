@@ -47,11 +47,6 @@ class Config(runlib.CommonConfig):
     task_vectors: bool = h("cosines of the task vectors on --tv-task (needs it in --finetune-on)", default=True)
     tv_task: str = h("task of the task-vector analysis", default="gsm8k")
     tiny_questions: int = h("--tiny: WMDP-Bio and MMLU questions whose answers the target learns", default=64)
-    tiny_repeat: int = h("--tiny: repetitions of each answer text in target training", default=12)
-    tiny_general: int = h("--tiny: downstream-task texts in target training", default=1200)
-    tiny_steps: int = h("--tiny: target training steps (batch 16)", default=400)
-    tiny_hidden: int = h("--tiny: hidden size of the tiny Llama", default=128)
-    tiny_layers: int = h("--tiny: layers of the tiny Llama", default=4)
 
 
 # -- data and models ------------------------------------------------------------------------------
@@ -302,14 +297,7 @@ def main():
     results = runlib.start_run(cfg)
     import ilu
 
-    envs = [e for e in cfg.ilu_env if e != "none"]
-    if not cfg.tiny:  # the model first: a wrong name fails before any data is fetched
-        model, tok, qs, forget_texts, retain_texts = setup_full(cfg)
-    tasks, skipped = runlib.available_tasks(cfg.finetune_on, cfg.data_dir)
-    for t, why in skipped.items():
-        print(f"skipping fine-tuning set {t}: {why}")
-    if cfg.tiny:
-        model, tok, qs, forget_texts, retain_texts = setup_tiny(cfg, sorted(set(tasks) | set(envs)))
+    model, tok, qs, forget_texts, retain_texts, tasks = runlib.setup(cfg, setup_full, setup_tiny)
     out = Path(cfg.out)
     theta_o = ilu.state_of(model)
 

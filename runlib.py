@@ -109,6 +109,11 @@ class CommonConfig:
     fa_limit: int = h("test examples per task for FA; 0: all", default=1000)
     eval_batch: int = h("batch size of evaluation", default=16)
     cache_dir: str = h("--tiny: where trained tiny targets are cached", default="~/.cache/ilu")
+    tiny_repeat: int = h("--tiny: repetitions of each text to learn in target training", default=12)
+    tiny_general: int = h("--tiny: downstream-task texts in target training", default=1200)
+    tiny_steps: int = h("--tiny: target training steps (batch 16)", default=400)
+    tiny_hidden: int = h("--tiny: hidden size of the tiny Llama", default=128)
+    tiny_layers: int = h("--tiny: layers of the tiny Llama", default=4)
     report: list = h("merge the results.json of these run folders (or folders holding them) into one table, in --out",
                      default_factory=list)
 
@@ -345,6 +350,20 @@ def task_split(name: str, data_dir: str | None, n_train: int | None, n_eval: int
         train, test = rows[:half], rows[half:]
         note = f"no local train file: {len(rows)} test rows split into {half} for fine-tuning and {len(rows) - half} for FA"
     return train[:n_train], test[:n_eval], note
+
+
+def setup(cfg, setup_full, setup_tiny):
+    """(model, tokenizer, eval data, forget, retain, fine-tuning tasks). At full scale the model
+    loads first, so a wrong name fails before any data is fetched; the tiny target's training
+    text includes the tasks that are available."""
+    if not cfg.tiny:
+        parts = setup_full(cfg)
+    tasks, skipped = available_tasks(cfg.finetune_on, cfg.data_dir)
+    for t, why in skipped.items():
+        print(f"skipping fine-tuning set {t}: {why}")
+    if cfg.tiny:
+        parts = setup_tiny(cfg, sorted(set(tasks) | {e for e in cfg.ilu_env if e != "none"}))
+    return (*parts, tasks)
 
 
 def available_tasks(names: list[str], data_dir: str | None) -> tuple[list[str], dict]:

@@ -61,3 +61,15 @@ def model_for(tokenizer, layers=2, seed=0, init=0.02):
                       initializer_range=init, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(cfg).eval()
+
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def run_script(script, args, tmp_path, timeout=300):
+    """Run a runner in a subprocess, offline, with its tiny-target cache under tmp_path."""
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, script, *args, "--cache-dir", str(tmp_path / "cache")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,23 +1,19 @@
 """run_muse.py end to end in a subprocess with a micro budget: results.json, the table, merge, bad input."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import DATA, needs_data
+from conftest import DATA, ROOT, needs_data, run_script
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 MICRO = ["--tiny", "--tiny-passages", "4", "--tiny-steps", "6", "--tiny-hidden", "32", "--tiny-layers", "2",
          "--tiny-general", "20", "--steps", "2", "--finetune-steps", "2", "--finetune-on", "mnli",
          "--fa-limit", "4", "--env-batch-size", "4", "--verbmem-tokens", "8", "--knowmem-tokens", "4"]
 
 
 def run(args, tmp_path, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, "run_muse.py", *args, "--cache-dir", str(tmp_path / "cache")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return run_script("run_muse.py", args, tmp_path, timeout)
 
 
 @needs_data

@@ -1,23 +1,19 @@
 """run_wmdp.py end to end in a subprocess with a micro budget: results.json, resume, bad input."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import DATA, needs_data
+from conftest import DATA, ROOT, needs_data, run_script
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 MICRO = ["--tiny", "--tiny-questions", "8", "--tiny-steps", "8", "--tiny-hidden", "32", "--tiny-layers", "2",
          "--tiny-general", "40", "--steps", "2", "--finetune-steps", "3", "--finetune-on", "sst2", "mnli",
          "--fa-limit", "8", "--env-batch-size", "4", "--curve-points", "2", "--relearn", "--tv-task", "sst2"]
 
 
 def run(args, tmp_path, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, "run_wmdp.py", *args, "--cache-dir", str(tmp_path / "cache")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return run_script("run_wmdp.py", args, tmp_path, timeout)
 
 
 @needs_data
