@@ -226,36 +226,11 @@ def main():
         fail("--tiny is built from MUSE-News: use --corpus news")
     cfg = runlib.resolve(cfg, runlib.explicit_flags(sys.argv[1:]), TINY, positive=("tiny_passages", "tiny_steps"))
     results = runlib.start_run(cfg)
-    import ilu
 
     model, tok, ev, forget, retain, tasks = runlib.setup(cfg, setup_full, setup_tiny)
-    out = Path(cfg.out)
-    theta_o = ilu.state_of(model)
-
-    if not results.done("original"):
-        start = time.perf_counter()
-        results.record("original", evaluate(model, tok, ev, cfg), start)
-    print("original: " + metrics_line(results.get("original")))
-    if cfg.finetune_original:
-        for t in tasks:
-            if not results.done(f"original/finetune/{t}"):
-                runlib.restore(model, theta_o)
-                finetune_stage(model, tok, t, cfg, ev, results, f"original/finetune/{t}")
-
-    if results.done("unlearned") and (out / "unlearned" / "config.json").exists():
-        runlib.restore(model, runlib.SavedState(out / "unlearned", theta_o))
-    else:
-        runlib.restore(model, theta_o)
-        runlib.unlearn_stage(model, tok, cfg, forget, retain, results, out)
-        start = time.perf_counter()
-        results.record("unlearned", evaluate(model, tok, ev, cfg), start)
-    print("unlearned: " + metrics_line(results.get("unlearned")))
-    theta_u = ilu.state_of(model)
-    for t in tasks:
-        if not results.done(f"unlearned/finetune/{t}"):
-            runlib.restore(model, theta_u)
-            finetune_stage(model, tok, t, cfg, ev, results, f"unlearned/finetune/{t}")
-
+    runlib.model_stages(model, tok, cfg, results, tasks, forget, retain, lambda: evaluate(model, tok, ev, cfg),
+                        lambda t, who: finetune_stage(model, tok, t, cfg, ev, results, f"{who}/finetune/{t}"),
+                        metrics_line)
     st = results.data["stages"]
     results.data["summary"] = {name: {k: v for k, v in e.items() if k in ("verbmem", "knowmem_forget",
                                                                          "knowmem_retain", "privleak", "fa")}

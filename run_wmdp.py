@@ -220,11 +220,8 @@ def write_report(results: runlib.Results, cfg: Config, tasks: list[str]) -> str:
 
 def plot_curves(stages: dict, tasks: list[str], path: Path, label: str):
     """Figure-3-style curves (FQ vs fine-tuning step), if matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = runlib.pyplot()
+    if plt is None:
         print("matplotlib is not installed: no curves.png (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(3.2 * max(len(tasks), 1), 3), squeeze=False)
@@ -266,11 +263,8 @@ def report(cfg: Config):
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     runlib.write_atomic(Path(cfg.out) / "report.md", text)
     print(text)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = runlib.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 3, 0.5 * len(heat) + 1.5))
     grid = [[v.get(t, float("nan")) for t in tasks] for _, v in heat]
@@ -299,34 +293,14 @@ def main():
 
     model, tok, qs, forget_texts, retain_texts, tasks = runlib.setup(cfg, setup_full, setup_tiny)
     out = Path(cfg.out)
-    theta_o = ilu.state_of(model)
 
-    if not results.done("original"):
-        start = time.perf_counter()
-        results.record("original", evaluate(model, tok, qs, cfg), start)
-    print("original: " + ", ".join(f"{k} {v:.3f}" for k, v in results.get("original").items() if k != "time_s"))
-    if cfg.finetune_original:
-        for t in tasks:
-            if not results.done(f"original/finetune/{t}"):
-                runlib.restore(model, theta_o)
-                save = out / "tv" / "original_ft" if cfg.task_vectors and t == cfg.tv_task else None
-                finetune_stage(model, tok, t, cfg, qs, results, f"original/finetune/{t}", save)
+    def finetune(t, who):
+        save = out / "tv" / f"{who}_ft" if cfg.task_vectors and t == cfg.tv_task else None
+        finetune_stage(model, tok, t, cfg, qs, results, f"{who}/finetune/{t}", save)
 
-    if results.done("unlearned") and (out / "unlearned" / "config.json").exists():
-        runlib.restore(model, runlib.SavedState(out / "unlearned", theta_o))
-    else:
-        runlib.restore(model, theta_o)
-        runlib.unlearn_stage(model, tok, cfg, forget_texts, retain_texts, results, out)
-        start = time.perf_counter()
-        results.record("unlearned", evaluate(model, tok, qs, cfg), start)
-    print("unlearned: " + ", ".join(f"{k} {v:.3f}" for k, v in results.get("unlearned").items() if k != "time_s"))
-    theta_u = ilu.state_of(model)
-
-    for t in tasks:
-        if not results.done(f"unlearned/finetune/{t}"):
-            runlib.restore(model, theta_u)
-            save = out / "tv" / "unlearned_ft" if cfg.task_vectors and t == cfg.tv_task else None
-            finetune_stage(model, tok, t, cfg, qs, results, f"unlearned/finetune/{t}", save)
+    theta_o, theta_u = runlib.model_stages(
+        model, tok, cfg, results, tasks, forget_texts, retain_texts, lambda: evaluate(model, tok, qs, cfg), finetune,
+        lambda e: ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k != "time_s"))
 
     if cfg.relearn and not results.done("relearn"):
         runlib.restore(model, theta_u)

@@ -195,6 +195,52 @@ def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Pat
                                    envs={e: len(d) for e, d in env_data.items()}), start)
 
 
+def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, evaluate, finetune, show):
+    """The stages both runners share, each skipped when results already hold it:
+    evaluate the original -> fine-tune it on each task (the control) -> unlearn (or reload the
+    saved unlearned model) -> evaluate -> fine-tune the unlearned model on each task.
+
+    evaluate() returns a metrics dict; finetune(task, who) runs and records the stage
+    f"{who}/finetune/{task}" from the weights in the model; show(entry) formats a metrics line.
+    Returns CPU snapshots (theta_o, theta_u) of the original and unlearned weights.
+    """
+    out = Path(cfg.out)
+    theta_o = ilu.state_of(model)
+    if not results.done("original"):
+        start = time.perf_counter()
+        results.record("original", evaluate(), start)
+    print("original: " + show(results.get("original")))
+    for t in tasks if cfg.finetune_original else []:
+        if not results.done(f"original/finetune/{t}"):
+            restore(model, theta_o)
+            finetune(t, "original")
+    if results.done("unlearned") and (out / "unlearned" / "config.json").exists():
+        restore(model, SavedState(out / "unlearned", theta_o))
+    else:
+        restore(model, theta_o)
+        unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out)
+        start = time.perf_counter()
+        results.record("unlearned", evaluate(), start)
+    print("unlearned: " + show(results.get("unlearned")))
+    theta_u = ilu.state_of(model)
+    for t in tasks:
+        if not results.done(f"unlearned/finetune/{t}"):
+            restore(model, theta_u)
+            finetune(t, "unlearned")
+    return theta_o, theta_u
+
+
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def finetune_steps(cfg, n_examples: int) -> tuple[int, int]:
     """(total steps, steps per epoch) of a fine-tuning run on n_examples."""
     per_epoch = math.ceil(n_examples / cfg.finetune_batch)
