@@ -764,29 +764,42 @@ def reference_logprobs(model, examples: Sequence[Mapping], batch_size: int = 8) 
     return torch.cat(out)
 
 
-def _irm_backward(model, batch: Mapping[str, torch.Tensor], lam: float, micro: int | None) -> float:
+def _irm_backward(model, batch: Mapping[str, torch.Tensor], lam: float, micro: int | None,
+                  grad_batch: Mapping[str, torch.Tensor] | None = None) -> float:
     """Backpropagate lam * penalty of one environment batch; return the penalty.
 
     With micro < batch rows, the batch is processed in chunks: g = (sum_c s_c) / N is a
     mean over all chunks, so a no-grad pass first finds g, then each chunk backpropagates
     lam * 2 g * s_c / N, whose gradients add up to exactly lam * d(g^2).
-    """
-    def logits_of(rows):
-        return model(input_ids=batch["input_ids"][rows],
-                     attention_mask=batch["attention_mask"][rows]).logits
 
-    B = batch["input_ids"].size(0)
-    if micro is None or micro >= B:
-        pen = irm_penalty(logits_of(slice(None)), batch["labels"])
+    With grad_batch (the split estimator, `unlearn(env_grad_batch=...)`): g comes from a
+    forward-only pass over `batch` and the gradient of g from grad_batch, a smaller batch
+    drawn apart from it: lam * 2 g_A * d(g_B). For independent A and B its expectation is
+    2 E[g] d(E[g]) = d(E[g]^2), the gradient of the penalty of the whole environment; the
+    full estimator's E[2 g_B d(g_B)] adds the covariance of g_B and d(g_B), which only
+    shrinks as the batch grows. Returns g_A^2.
+    """
+    def logits_of(b, rows):
+        return model(input_ids=b["input_ids"][rows], attention_mask=b["attention_mask"][rows]).logits
+
+    def chunks(b):
+        B = b["input_ids"].size(0)
+        return [slice(i, i + (micro or B)) for i in range(0, B, micro or B)]
+
+    def g_of(b):                                               # forward only
+        with torch.no_grad():
+            sums = [_irm_terms(logits_of(b, c), b["labels"][c]) for c in chunks(b)]
+        return sum(s for s, _ in sums).item() / max(sum(k for _, k in sums), 1)
+
+    if grad_batch is None and (micro is None or micro >= batch["input_ids"].size(0)):
+        pen = irm_penalty(logits_of(batch, slice(None)), batch["labels"])
         (lam * pen).backward()
         return pen.item()
-    chunks = [slice(i, i + micro) for i in range(0, B, micro)]
-    with torch.no_grad():
-        sums = [_irm_terms(logits_of(c), batch["labels"][c]) for c in chunks]
-    n = max(sum(k for _, k in sums), 1)
-    g = sum(s for s, _ in sums).item() / n
-    for c in chunks:
-        s, _ = _irm_terms(logits_of(c), batch["labels"][c])
+    g = g_of(batch)
+    target = batch if grad_batch is None else grad_batch
+    n = max(int((target["labels"][:, 1:] != IGNORE).sum()), 1)
+    for c in chunks(target):
+        s, _ = _irm_terms(logits_of(target, c), target["labels"][c])
         (lam * 2 * g * s / n).backward()
     return g * g
 
@@ -798,7 +811,7 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
             envs: Mapping[str, Sequence[Mapping]] | None = None, lam: float = 1.0, *,
             steps: int | None = None, batch_size: int = 1, grad_accum: int = 4,
             env_batch_size: int = 48, env_micro_batch: int | None = None,
-            lr: float = 1e-5, warmup: float = 0.1, weight_decay: float = 0.0,
+            env_grad_batch: int | None = None, lr: float = 1e-5, warmup: float = 0.1, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, beta: float = 0.1, gamma: float = 1.0,
             rmu_layer: int = 7, rmu_coeff: float = 6.5, rmu_alpha: float = 1200.0,
             seed: int = 0, progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
@@ -815,7 +828,9 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
     One optimizer step takes grad_accum micro-batches of batch_size forget and retain
     examples (defaults 1 x 4, lr 1e-5, 10% warmup then linear decay: the NPO-on-WMDP
     settings) and one batch of env_batch_size examples per environment, run in chunks of
-    env_micro_batch rows when memory is short. steps defaults to one pass over `forget`.
+    env_micro_batch rows when memory is short. With env_grad_batch (the split estimator),
+    that batch only runs forward to give g, and the penalty's gradient comes from a further
+    env_grad_batch examples (see _irm_backward): cheaper, and unbiased. steps defaults to one pass over `forget`.
     The model's parameters are updated in place. Returns one dict per step with the
     logged values: step, forget, retain, irm, lr, ms.
     """
@@ -823,6 +838,8 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
         raise ILUError(f"unknown unlearning method '{method}': choose one of {', '.join(METHODS)}")
     if lam < 0:
         raise ILUError(f"lam must be >= 0 (got {lam}): it weighs the invariance penalty")
+    if env_grad_batch is not None and env_grad_batch < 1:
+        raise ILUError(f"env_grad_batch must be >= 1 (got {env_grad_batch}), or None for the full estimator")
     if len(forget) == 0:
         raise ILUError("the forget set is empty: give at least one forget example")
     if len(retain) == 0:
@@ -897,7 +914,9 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
             irm = 0.0
             for name, data in envs.items():                            # ILU: lam * sum_e g_e^2
                 eb = collate([data[i] for i in e_samplers[name].take(env_batch_size)], device)
-                irm += _irm_backward(model, eb, lam, env_micro_batch)
+                gb = (collate([data[i] for i in e_samplers[name].take(env_grad_batch)], device)
+                      if env_grad_batch else None)
+                irm += _irm_backward(model, eb, lam, env_micro_batch, gb)
             if not all(math.isfinite(x) for x in (f_sum, r_sum, irm)):
                 raise ILUError(f"non-finite loss at step {step + 1} (forget {f_sum}, retain {r_sum}, "
                                f"irm {irm}): lower the learning rate or lam")

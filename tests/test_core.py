@@ -437,3 +437,31 @@ def test_step_memory_benchmark_runs_on_tiny_shape():
                          cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "NPO + ILU(GSM8K), 1x4 + 4" in out.stdout and "RMU (layer 6), batch 4" in out.stdout
+
+
+
+def test_split_irm_estimator_is_unbiased_for_the_whole_environments_penalty():
+    """The split estimator (g from batch A, forward only; d(g) from an independent batch B),
+    averaged over every pair of batches, is the gradient of the penalty of the whole pool;
+    the full estimator on small batches is not (the covariance of g_B and d(g_B))."""
+    model = tiny_llama(layers=2)
+    model.train()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)       # confident logits: a penalty far from 0 (1.4 here)
+    pool = token_pairs(6, seed=5)           # every example has 3 answer tokens: g_pool = mean of g_i
+
+    def grads_of(batch, grad_batch=None):
+        model.zero_grad(set_to_none=True)
+        ilu._irm_backward(model, ilu.collate(batch), lam=1.0, micro=None,
+                          grad_batch=None if grad_batch is None else ilu.collate(grad_batch))
+        return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+
+    target = grads_of(pool)                 # d(g_pool^2), the population gradient
+    # The expectation over independent draws, exactly: A = every ordered pair of examples
+    # (2 drawn with replacement), B = every single example, all 216 combinations equally likely.
+    pairs = [(i, j) for i in range(6) for j in range(6)]
+    split = sum(grads_of([pool[i], pool[j]], [pool[k]]) for i, j in pairs for k in range(6)) / 216
+    full = sum(grads_of([pool[k]]) for k in range(6)) / 6
+    err = lambda est: float((est - target).norm() / target.norm())  # noqa: E731
+    assert err(split) < 1e-4                # float rounding only
+    assert err(full) > 0.05                 # the bias the split estimator removes
