@@ -83,6 +83,9 @@ class CommonConfig:
     lam: float = h("weight of the invariance penalty (paper: 0.1-2)", default=1.0)
     env_batch_size: int = h("environment examples per unlearning step (paper: 48)", default=48)
     env_micro_batch: int = h("process the environment batch in chunks of this many rows; 0: all at once", default=0)
+    env_grad_batch: int = h("split estimator: the env batch runs forward only for g, and the penalty's gradient "
+                            "comes from this many further examples (README 'Performance'); 0: full estimator",
+                            default=0)
     model: str = h("target model, hub name or local folder (ignored with --tiny)", default="")
     data_dir: str = h("folder of local data copies (layout in README 'Data'); default: the hub", default=None)
     out: str = h("output folder: results.json, results.md, unlearned/", default="runs/out")
@@ -136,6 +139,8 @@ def resolve(cfg, explicit: set, tiny_defaults: dict, positive=()):
             fail(f"unknown fine-tuning set '{t}': choose among {', '.join(TASK_NAMES)}")
     if cfg.lam < 0:
         fail(f"--lam must be >= 0 (got {cfg.lam})")
+    if cfg.env_grad_batch < 0:
+        fail(f"--env-grad-batch must be >= 0 (got {cfg.env_grad_batch}; 0: the full estimator)")
     for name in ("steps", "finetune_steps", "finetune_batch", "env_batch_size", *positive):
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
@@ -166,7 +171,8 @@ def method_label(cfg_dict: dict) -> str:
     base = cfg_dict["method"].upper() if cfg_dict["method"] != "graddiff" else "GradDiff"
     if not envs:
         return base
-    return f"{base} + ILU({'Multi' if len(envs) > 1 else envs[0].upper() if envs[0] == 'gsm8k' else envs[0]})"
+    split = f", split {cfg_dict['env_grad_batch']}" if cfg_dict.get("env_grad_batch") else ""
+    return f"{base} + ILU({'Multi' if len(envs) > 1 else envs[0].upper() if envs[0] == 'gsm8k' else envs[0]}{split})"
 
 
 def encode(tok, items, max_length: int):
@@ -186,7 +192,8 @@ def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Pat
     start = time.perf_counter()
     history = ilu.unlearn(model, forget, retain, cfg.method, envs=env_data, lam=cfg.lam, steps=cfg.steps,
                           batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, env_batch_size=cfg.env_batch_size,
-                          env_micro_batch=cfg.env_micro_batch or None, lr=cfg.lr, beta=cfg.beta, gamma=cfg.gamma,
+                          env_micro_batch=cfg.env_micro_batch or None,
+                          env_grad_batch=cfg.env_grad_batch or None, lr=cfg.lr, beta=cfg.beta, gamma=cfg.gamma,
                           rmu_layer=cfg.rmu_layer, rmu_coeff=cfg.rmu_coeff, rmu_alpha=cfg.rmu_alpha,
                           max_grad_norm=None if cfg.method == "rmu" else 1.0, seed=cfg.seed)
     model.save_pretrained(out / "unlearned")

@@ -74,6 +74,7 @@ def test_micro_run_results_and_resume(tmp_path):
     (["--method", "dpo"], "unknown method 'dpo'"),
     (["--ilu-env", "imdb"], "unknown ILU environment 'imdb'"),
     (["--lam", "-1"], "--lam must be >= 0"),
+    (["--env-grad-batch", "-2"], "--env-grad-batch must be >= 0"),
     (["--finetune-on", "cola"], "unknown fine-tuning set 'cola'"),
     (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data does not exist"),
     (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
