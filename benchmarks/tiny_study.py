@@ -51,13 +51,18 @@ def ms(values, d=3):
 class Setting:
     """One tiny setting: its target, forget/retain sets, fine-tuning data and metrics."""
 
-    def __init__(self, part, data_dir, cache_dir):
+    def __init__(self, part, data_dir, cache_dir, finetune_lr=0.0, finetune_steps=0):
         import run_muse
         import run_wmdp
 
         self.part, self.runner = part, (run_wmdp if part == "wmdp" else run_muse)
         cfg = self.runner.Config(tiny=True, data_dir=data_dir, cache_dir=cache_dir)
         self.cfg = runlib.resolve(cfg, set(), self.runner.TINY)
+        # the attack keeps the --tiny fine-tuning (lr: WMDP's relearn_lr, else finetune_lr)
+        self.attack_lr = getattr(self.cfg, "relearn_lr", None) or self.cfg.finetune_lr
+        self.attack_steps = self.cfg.finetune_steps
+        self.cfg.finetune_lr = finetune_lr or self.cfg.finetune_lr          # the unrelated fine-tunings
+        self.cfg.finetune_steps = finetune_steps or self.cfg.finetune_steps
         self.tasks, _ = runlib.available_tasks(self.cfg.finetune_on, data_dir)
         model, tok, self.ev, forget, retain = self.runner.setup_tiny(self.cfg, sorted(set(self.tasks) | {"gsm8k"}))
         self.model, self.tok, self.theta = model, tok, ilu.state_of(model)
@@ -100,8 +105,8 @@ class Setting:
                     gamma=c.gamma, rmu_layer=c.rmu_layer, rmu_coeff=c.rmu_coeff, rmu_alpha=c.rmu_alpha,
                     max_grad_norm=None if method == "rmu" else 1.0, seed=seed, progress=False, log=lambda s: None)
 
-    def finetune(self, data, seed, lr=None):
-        ilu.finetune(self.model, data, max_steps=self.cfg.finetune_steps, batch_size=self.cfg.finetune_batch,
+    def finetune(self, data, seed, lr=None, steps=None):
+        ilu.finetune(self.model, data, max_steps=steps or self.cfg.finetune_steps, batch_size=self.cfg.finetune_batch,
                      lr=lr or self.cfg.finetune_lr, hook_each_epoch=False, seed=seed, progress=False)
 
     def run(self, variant, seed) -> dict:
@@ -119,12 +124,12 @@ class Setting:
             self.finetune(self.ft[t], seed)
             out["finetuned"][t] = self.measure()
         runlib.restore(self.model, start)
-        self.finetune(self.attack, seed, lr=getattr(self.cfg, "relearn_lr", None))
+        self.finetune(self.attack, seed, lr=self.attack_lr, steps=self.attack_steps)
         out["held_out_after_attack"] = self.held_out_score()
         return out
 
 
-def tables(part, tasks, runs, seeds) -> str:
+def tables(part, tasks, runs, seeds, ft) -> str:
     """Markdown tables: the forget metric before and after each fine-tuning, the attack, what is kept."""
     key = "bio" if part == "wmdp" else "verbmem"
     keep = "mmlu" if part == "wmdp" else "knowmem_retain"
@@ -143,6 +148,7 @@ def tables(part, tasks, runs, seeds) -> str:
                      col(rs, lambda r: r["held_out_before"]) + " → " + col(rs, lambda r: r["held_out_after_attack"]),
                      col(rs, lambda r: r["unlearned"][keep])])
     text = f"### {part.upper()}-tiny: {name}, mean ± std over seeds {', '.join(map(str, seeds))}\n\n"
+    text += f"Fine-tuning on each task: {ft['steps']} steps, batch {ft['batch']}, lr {ft['lr']:g}.\n\n"
     text += runlib.markdown_table(head, rows) + "\n"
     if part == "muse":
         rows = [[lab, col(rs, lambda r: r["unlearned"]["knowmem_forget"]),
@@ -159,20 +165,25 @@ def main():
     ap.add_argument("--cache-dir", default="~/.cache/ilu", help="where the tiny targets are cached")
     ap.add_argument("--part", choices=["wmdp", "muse", "both"], default="both")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="only these rows, by label (e.g. NPO 'NPO + ILU λ=1'); default: all")
+    ap.add_argument("--finetune-lr", type=float, default=0.0, help="unrelated fine-tuning lr (default: --tiny's, 1e-4)")
+    ap.add_argument("--finetune-steps", type=int, default=0, help="unrelated fine-tuning steps (default: --tiny's, 40)")
     ap.add_argument("--out", default="runs/tiny_study", help="folder for study.md and study.json")
     args = ap.parse_args()
     runlib.check_data_dir(args.data_dir)
     os.makedirs(args.out, exist_ok=True)
     report, raw, t0 = "", {}, time.perf_counter()
     for part in (["wmdp", "muse"] if args.part == "both" else [args.part]):
-        s = Setting(part, args.data_dir, args.cache_dir)
+        s = Setting(part, args.data_dir, args.cache_dir, args.finetune_lr, args.finetune_steps)
         runs = {"Original (control)": [s.run(None, seed) for seed in args.seeds]}
         print(f"{part}: control done ({time.perf_counter() - t0:.0f} s)", flush=True)
-        for v in VARIANTS[part]:
+        for v in [v for v in VARIANTS[part] if not args.variants or label(*v) in args.variants]:
             runs[label(*v)] = [s.run(v, seed) for seed in args.seeds]
             print(f"{part}: {label(*v)} done ({time.perf_counter() - t0:.0f} s)", flush=True)
         raw[part] = dict(tasks=s.tasks, seeds=args.seeds, runs=runs)
-        report += tables(part, s.tasks, runs, args.seeds) + "\n"
+        ft = dict(steps=s.cfg.finetune_steps, batch=s.cfg.finetune_batch, lr=s.cfg.finetune_lr)
+        report += tables(part, s.tasks, runs, args.seeds, ft) + "\n"
         runlib.write_atomic(Path(args.out) / "study.json", json.dumps(raw, indent=1))
         runlib.write_atomic(Path(args.out) / "study.md", report)
         print("\n" + report, flush=True)
