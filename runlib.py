@@ -182,24 +182,31 @@ def encode(tok, items, max_length: int):
     return ilu.encode_texts(tok, items, max_length)
 
 
+def env_data(tok, cfg) -> dict:
+    """The encoded ILU environments of cfg (their training splits), {} for the base method."""
+    return {e: ilu.encode_pairs(tok, task_split(e, cfg.data_dir, None, None, cfg.seed)[0], max_length=cfg.max_length)
+            for e in cfg.ilu_env if e != "none"}
+
+
+def unlearn_args(cfg) -> dict:
+    """ilu.unlearn's keyword arguments from a resolved config (all but the data)."""
+    return dict(method=cfg.method, lam=cfg.lam, steps=cfg.steps, batch_size=cfg.batch_size,
+                grad_accum=cfg.grad_accum, env_batch_size=cfg.env_batch_size,
+                env_micro_batch=cfg.env_micro_batch or None, env_grad_batch=cfg.env_grad_batch or None,
+                lr=cfg.lr, beta=cfg.beta, gamma=cfg.gamma, rmu_layer=cfg.rmu_layer, rmu_coeff=cfg.rmu_coeff,
+                rmu_alpha=cfg.rmu_alpha, max_grad_norm=None if cfg.method == "rmu" else 1.0, seed=cfg.seed)
+
+
 def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path):
     """Unlearn (with the ILU environments of cfg), save the model to out/unlearned, record the history."""
     forget, retain = encode(tok, forget_items, cfg.max_length), encode(tok, retain_items, cfg.max_length)
-    env_data = {}
-    for e in (e for e in cfg.ilu_env if e != "none"):
-        train, _, _ = task_split(e, cfg.data_dir, None, None, cfg.seed)
-        env_data[e] = ilu.encode_pairs(tok, train, max_length=cfg.max_length)
+    envs = env_data(tok, cfg)
     start = time.perf_counter()
-    history = ilu.unlearn(model, forget, retain, cfg.method, envs=env_data, lam=cfg.lam, steps=cfg.steps,
-                          batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, env_batch_size=cfg.env_batch_size,
-                          env_micro_batch=cfg.env_micro_batch or None,
-                          env_grad_batch=cfg.env_grad_batch or None, lr=cfg.lr, beta=cfg.beta, gamma=cfg.gamma,
-                          rmu_layer=cfg.rmu_layer, rmu_coeff=cfg.rmu_coeff, rmu_alpha=cfg.rmu_alpha,
-                          max_grad_norm=None if cfg.method == "rmu" else 1.0, seed=cfg.seed)
+    history = ilu.unlearn(model, forget, retain, envs=envs, **unlearn_args(cfg))
     model.save_pretrained(out / "unlearned")
     tok.save_pretrained(out / "unlearned")
     results.record("unlearn", dict(history=history, forget_examples=len(forget), retain_examples=len(retain),
-                                   envs={e: len(d) for e, d in env_data.items()}), start)
+                                   envs={e: len(d) for e, d in envs.items()}), start)
 
 
 def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, evaluate, finetune, show):

@@ -225,17 +225,12 @@ def main():
 
     t = {k: [] for k in ("npo", "ilu", "split", "envfb", "bare")}
 
-    class Rows(list):                      # each row is printed as it is measured
-        def append(self, row):
-            super().append(row)
-            print("  " + " | ".join(row), flush=True)
+    rows = []
 
-        def __iadd__(self, more):
-            for row in more:
-                self.append(row)
-            return self
+    def add(*row):                         # each row is printed as it is measured
+        rows.append(row)
+        print("  " + " | ".join(row), flush=True)
 
-    rows = Rows()
     for r in range(reps):
         t["npo"].append(step_ms())
         t["ilu"].append(step_ms(envs={"gsm8k": env}, env_batch_size=48))
@@ -250,28 +245,28 @@ def main():
               f"split {t['split'][-1]:.2f} s, env fwd+bwd {t['envfb'][-1]:.2f} s, bare {t['bare'][-1]:.2f} s",
               flush=True)
     ratio = lambda a, b: [x / y for x, y in zip(a, b)]  # noqa: E731
+
+    def timed_ratio(num, den) -> str:      # den then num, timed one after the other in each repeat
+        pairs = [(timed(den, device), timed(num, device)) for _ in range(reps)]
+        return spread([n / d for d, n in pairs])
     unavoidable = [n + e for n, e in zip(t["npo"], t["envfb"])]
-    rows += [("ILU step / NPO step (48 env examples; 4 + 4 sequences)", spread(ratio(t["ilu"], t["npo"])), ""),
-             ("ILU step / (NPO step + plain fwd+bwd of the env batch)", spread(ratio(t["ilu"], unavoidable)),
-              "overhead above unavoidable compute"),
-             (f"split ILU step ({S['grad_batch']} for the gradient) / ILU step", spread(ratio(t["split"], t["ilu"])), ""),
-             ("split ILU step / NPO step", spread(ratio(t["split"], t["npo"])), ""),
-             ("unlearn NPO step / bare fwd+bwd+AdamW step, same batches", spread(ratio(t["npo"], t["bare"])),
-              f"unlearn {8 * L / statistics.median(t['npo']):,.0f} tok/s, "
-              f"bare {8 * L / statistics.median(t['bare']):,.0f} tok/s")]
+    add("ILU step / NPO step (48 env examples; 4 + 4 sequences)", spread(ratio(t["ilu"], t["npo"])), "")
+    add("ILU step / (NPO step + plain fwd+bwd of the env batch)", spread(ratio(t["ilu"], unavoidable)),
+        "overhead above unavoidable compute")
+    add(f"split ILU step ({S['grad_batch']} for the gradient) / ILU step", spread(ratio(t["split"], t["ilu"])), "")
+    add("split ILU step / NPO step", spread(ratio(t["split"], t["npo"])), "")
+    add("unlearn NPO step / bare fwd+bwd+AdamW step, same batches", spread(ratio(t["npo"], t["bare"])),
+        f"unlearn {8 * L / statistics.median(t['npo']):,.0f} tok/s, bare {8 * L / statistics.median(t['bare']):,.0f} tok/s")
 
     # the closed-form penalty against its autograd definition
     model.train()
     closed = lambda: penalty_step(model, env, device, ilu.irm_penalty)  # noqa: E731
     auto = lambda: penalty_step(model, env, device, penalty_autograd)  # noqa: E731
     closed(), auto()                                                   # warm-up
-    tc, ta = [], []
-    for _ in range(reps):
-        tc.append(timed(closed, device))
-        ta.append(timed(auto, device))
+    times = timed_ratio(auto, closed)
     mc_, ma = peak_extra(closed, device), peak_extra(auto, device)
     mem = f"peak memory {ma:.3f} / {mc_:.3f} GiB = {ma / mc_:.2f}" if mc_ and ma else "memory: n/a here"
-    rows.append(("autograd double-backward penalty / closed form (fwd+bwd, env batch)", spread(ratio(ta, tc)), mem))
+    add("autograd double-backward penalty / closed form (fwd+bwd, env batch)", times, mem)
 
     # NPO with the reference's log-probs cached against a live reference model
     fb, rb = ilu.collate(forget[:4], device), ilu.collate(retain[:4], device)
@@ -287,14 +282,11 @@ def main():
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    tl, tcd = [], []
-    for _ in range(reps):
-        tcd.append(timed(lambda: npo_step(model, fb, rb, cached), device))
-        tl.append(timed(lambda: npo_step(model, fb, rb, ref), device))
+    times = timed_ratio(lambda: npo_step(model, fb, rb, ref), lambda: npo_step(model, fb, rb, cached))
     ref = None
     mem = (f"peak memory {m_live:.3f} / {m_cached:.3f} GiB = {m_live / m_cached:.2f} (live includes its copy)"
            if m_cached and m_live else "memory: n/a here")
-    rows.append(("NPO fwd+bwd, live reference / cached log-probs (4 + 4)", spread(ratio(tl, tcd)), mem))
+    add("NPO fwd+bwd, live reference / cached log-probs (4 + 4)", times, mem)
     model.eval()
 
     # evaluation: one forward per MC question against four continuations; batched generation
@@ -304,23 +296,15 @@ def main():
     four = lambda: ilu.mc_accuracy(model, tok, qs, return_predictions=True, one_forward=False,  # noqa: E731
                                    progress=False)
     same_mc = one()[1] == four()[1]
-    t1, t4 = [], []
-    for _ in range(reps):
-        t1.append(timed(one, device))
-        t4.append(timed(four, device))
-    rows.append((f"mc_accuracy, four continuations / one forward ({S['mc']} questions)", spread(ratio(t4, t1)),
-                 f"same predictions: {'yes' if same_mc else 'NO'}"))
+    add(f"mc_accuracy, four continuations / one forward ({S['mc']} questions)", timed_ratio(four, one),
+        f"same predictions: {'yes' if same_mc else 'NO'}")
     prompts = [q["question"] for q in qs[:S["gen"]]]
     n_new = S["gen_tokens"]
     batched = lambda: ilu.generate(model, tok, prompts, n_new, batch_size=len(prompts), progress=False)  # noqa: E731
     single = lambda: ilu.generate(model, tok, prompts, n_new, batch_size=1, progress=False)  # noqa: E731
     same_gen = sum(a == b for a, b in zip(batched(), single()))
-    tb, ts = [], []
-    for _ in range(reps):
-        tb.append(timed(batched, device))
-        ts.append(timed(single, device))
-    rows.append((f"greedy generation, one at a time / batched ({len(prompts)} prompts, {n_new} tokens)",
-                 spread(ratio(ts, tb)), f"same text: {same_gen}/{len(prompts)}"))
+    add(f"greedy generation, one at a time / batched ({len(prompts)} prompts, {n_new} tokens)",
+        timed_ratio(single, batched), f"same text: {same_gen}/{len(prompts)}")
 
     # peak memory of whole steps, as the runners take them (the 7B memory plan)
     if device.type == "cuda" or args.whole_steps:
@@ -336,14 +320,13 @@ def main():
                          (f"NPO + split ILU(48 / {S['grad_batch']}), 1 x 4", dict(envs={"gsm8k": env}, env_batch_size=48,
                                                                  env_grad_batch=S["grad_batch"])),
                          ("NPO, 1 x 4", {})):
-            rows.append((f"peak GPU memory, {name} step", peak_of(lambda: step_ms(**kw)),
-                         "weights, gradients, AdamWSR moments, activations"))
+            add(f"peak GPU memory, {name} step", peak_of(lambda: step_ms(**kw)),
+                "weights, gradients, AdamWSR moments, activations")
         rf, rr = token_rows(8, L // 2, V, 4), token_rows(8, L // 2, V, 5)
         layer = min(7, S["model"]["num_hidden_layers"] - 2)
         rmu = lambda: ilu.unlearn(model, rf, rr, "rmu", batch_size=4, grad_accum=1, steps=2, lr=5e-5,  # noqa: E731
                                   rmu_layer=layer, max_grad_norm=None, progress=False, log=lambda s: None)
-        rows.append((f"peak GPU memory, RMU step (layer {layer}, 4 x {L // 2})", peak_of(rmu),
-                     "three down-projections trained"))
+        add(f"peak GPU memory, RMU step (layer {layer}, 4 x {L // 2})", peak_of(rmu), "three down-projections trained")
 
     table = ("| measurement | ratio: median [min, max] | note |\n|---|---|---|\n"
              + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows))

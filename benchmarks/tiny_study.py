@@ -68,7 +68,7 @@ class Setting:
         self.model, self.tok, self.theta = model, tok, ilu.state_of(model)
         L = self.cfg.max_length
         self.forget, self.retain = runlib.encode(tok, forget, L), runlib.encode(tok, retain, L)
-        self.env = ilu.encode_pairs(tok, runlib.task_split("gsm8k", data_dir, None, None, 0)[0], max_length=L)
+        self.env = runlib.env_data(tok, self.cfg)["gsm8k"]                  # --ilu-env's default
         self.ft = {t: ilu.encode_pairs(tok, runlib.task_split(t, data_dir, None, None, 0)[0], max_length=L)
                    for t in self.tasks}
         if part == "wmdp":   # forget: one item per bio question, in order; attack the first half
@@ -97,13 +97,12 @@ class Setting:
         return ilu.verbmem(m, tok, self.held_out["verbmem"], self.cfg.verbmem_tokens, b, progress=False)
 
     def unlearn(self, method, lam, split, seed):
+        """The runner's own --tiny unlearning (runlib.unlearn_args), with this variant's lam, split and seed."""
         c = runlib.resolve(self.runner.Config(tiny=True, method=method, data_dir=self.cfg.data_dir), set(),
                            self.runner.TINY)
-        ilu.unlearn(self.model, self.forget, self.retain, method, envs={"gsm8k": self.env} if lam else {},
-                    lam=lam, steps=c.steps, batch_size=c.batch_size, grad_accum=c.grad_accum,
-                    env_batch_size=c.env_batch_size, env_grad_batch=split or None, lr=c.lr, beta=c.beta,
-                    gamma=c.gamma, rmu_layer=c.rmu_layer, rmu_coeff=c.rmu_coeff, rmu_alpha=c.rmu_alpha,
-                    max_grad_norm=None if method == "rmu" else 1.0, seed=seed, progress=False, log=lambda s: None)
+        c.lam, c.env_grad_batch, c.seed = lam, split, seed
+        ilu.unlearn(self.model, self.forget, self.retain, envs={"gsm8k": self.env} if lam else {},
+                    progress=False, log=lambda s: None, **runlib.unlearn_args(c))
 
     def finetune(self, data, seed, lr=None, steps=None):
         ilu.finetune(self.model, data, max_steps=steps or self.cfg.finetune_steps, batch_size=self.cfg.finetune_batch,
