@@ -1303,6 +1303,11 @@ def task_vector(after: Mapping[str, torch.Tensor], before: Mapping[str, torch.Te
     return TaskVector(after, before)
 
 
+def norm(a: Mapping[str, torch.Tensor]) -> float:
+    """Euclidean norm of a task vector, flattened over all parameters (fp64 sums): ||tau||."""
+    return math.sqrt(sum(float(a[n].double().pow(2).sum()) for n in a))
+
+
 def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """Cosine similarity of two task vectors, flattened over all parameters (fp64 sums)."""
     dot = na = nb = 0.0

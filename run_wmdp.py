@@ -47,6 +47,10 @@ class Config(runlib.CommonConfig):
     task_vectors: bool = h("cosines of the task vectors on --tv-task (needs it in --finetune-on)", default=True)
     tv_task: str = h("task of the task-vector analysis", default="gsm8k")
     tiny_questions: int = h("--tiny: WMDP-Bio and MMLU questions whose answers the target learns", default=64)
+    tiny_prose: bool = h("--tiny: the target also learns each answer as a sentence (prose()), as a corpus states it",
+                         default=False)
+    tiny_eos: bool = h("--tiny: end each downstream-task text with EOS in target training, as the fine-tuning "
+                       "pairs end", default=False)
 
 
 # -- data and models ------------------------------------------------------------------------------
@@ -61,6 +65,11 @@ def mc_pair(q: dict) -> dict:
 def mc_text(q: dict) -> str:
     p = mc_pair(q)
     return p["prompt"] + p["answer"]
+
+
+def prose(q: dict) -> str:
+    """A question's answer stated as a sentence: what a forget corpus says, not how the test asks it."""
+    return f"{q['question'].strip()} The answer is {q['choices'][q['answer']].strip()}."
 
 
 def short(questions, n, seed=None):
@@ -82,7 +91,9 @@ def setup_tiny(cfg: Config, tasks: list[str]):
     The target learns the answers of n WMDP-Bio questions (to forget) and n MMLU questions
     (to keep) as question-then-letter texts, mixed with downstream-task texts. Unlearning
     then targets the answer letter of each forget question (prompt masked), and the retain
-    set is the MMLU questions with their letters.
+    set is the MMLU questions with their letters. tiny_prose adds each question's prose()
+    sentence to the target's text (the study's forget-on-prose recipe unlearns those);
+    tiny_eos ends the task texts with EOS.
     """
     import ilu
 
@@ -93,8 +104,10 @@ def setup_tiny(cfg: Config, tasks: list[str]):
     general = []
     for t in tasks:
         train, _, _ = runlib.task_split(t, cfg.data_dir, None, None, cfg.seed)
-        general += [r["prompt"] + r["answer"] for r in train[:cfg.tiny_general // max(len(tasks), 1)]]
-    texts = [mc_text(q) for q in bio + mmlu] * cfg.tiny_repeat + general
+        general += [r["prompt"] + r["answer"] + ("</s>" if cfg.tiny_eos else "")   # </s>: ilu.train_tokenizer's EOS
+                    for r in train[:cfg.tiny_general // max(len(tasks), 1)]]
+    facts = [mc_text(q) for q in bio + mmlu] + ([prose(q) for q in bio + mmlu] if cfg.tiny_prose else [])
+    texts = facts * cfg.tiny_repeat + general
     random.Random(0).shuffle(texts)
     recipe = dict(name="wmdp", hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, steps=cfg.tiny_steps)
     model, tok, _ = runlib.cached_tiny_target(cfg.cache_dir, recipe, texts, hidden=cfg.tiny_hidden,

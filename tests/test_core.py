@@ -424,6 +424,7 @@ def test_task_vector_cosine_matches_flattened_formula():
     assert ilu.cosine(tu, tft) == pytest.approx(want, rel=1e-6)
     assert ilu.cosine(tu, tu) == pytest.approx(1.0)
     assert ilu.cosine(tu, {k: -v for k, v in tu.items()}) == pytest.approx(-1.0)
+    assert ilu.norm(tu) == pytest.approx(torch.linalg.vector_norm(flat(tu)).item(), rel=1e-6)
 
 
 def test_bench_runs_and_prints_every_row():
