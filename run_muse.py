@@ -44,7 +44,8 @@ class Config(runlib.CommonConfig):
     verbmem_tokens: int = h("VerbMem: new tokens, and ground-truth tokens compared (MUSE: 128)", default=128)
     knowmem_tokens: int = h("KnowMem: new tokens of each answer (MUSE: 32)", default=32)
     icl_shots: int = h("KnowMem: in-context examples, from *_qa_icl (MUSE: all 10)", default=10)
-    privleak_tokens: int = h("PrivLeak: tokens of each text scored by Min-40% (MUSE targets: 2048)", default=2048)
+    privleak_tokens: int = h("PrivLeak: tokens of each text scored by Min-40%; 0: the whole text up to the model's "
+                             "context window, as MUSE scores it", default=0)
     eval_limit: int = h("examples per MUSE evaluation set; 0: all (MUSE: 100)", default=0)
     tiny_passages: int = h("--tiny: verbmem passages and QA pairs of each split the target learns", default=32)
     tiny_prompt_chars: int = h("--tiny: characters of each verbmem prompt kept (its end)", default=150)

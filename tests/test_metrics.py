@@ -85,6 +85,80 @@ def test_mc_accuracy_subject_defaults_to_each_question():
     assert preds == [lm_eval_prediction(model, tok, q, q["subject"]) for q in qs]
 
 
+
+def windowed_logprob(model, ctx, cont, window):
+    """lm-eval's left truncation written out: the model reads (ctx + cont)[-(window + 1):][:-1],
+    and the continuation is scored at its last len(cont) positions."""
+    inp = (ctx + cont)[-(window + 1):][:-1]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([inp])).logits[0], dim=-1)
+    return sum(float(logp[len(inp) - len(cont) + j, t]) for j, t in enumerate(cont))
+
+
+@needs_data
+@pytest.mark.parametrize("kind", ["one-token", "two-tokens"])
+def test_mc_accuracy_cuts_long_prompts_as_lm_eval_does(kind):
+    """A model whose window is shorter than most of 24 real WMDP prompts: lm-eval's predictions."""
+    qs = ilu.load_questions("wmdp-bio", DATA)[:24]
+    tok = tokenizers_for(qs)[kind]
+    model = model_for(tok, init=0.5)
+    requests = []
+    for q in qs:
+        context = ilu.mc_prompt(q["question"], q["choices"], "biology")
+        ctx = tok.encode(context)
+        requests.append((ctx, [tok.encode(context + " " + x)[len(ctx):] for x in "ABCD"]))
+    window = sorted(len(ctx) for ctx, _ in requests)[len(qs) // 3]   # 2/3 of the prompts are cut, 1/3 fit
+    model.config.max_position_embeddings = window                   # the window lm-eval reads from the config
+    assert ilu.context_window(model, tok) == window
+    want = []
+    for ctx, conts in requests:
+        scores = [windowed_logprob(model, ctx, c, window) for c in conts]
+        want.append(scores.index(max(scores)))
+    fast = ilu.mc_accuracy(model, tok, qs, "biology", return_predictions=True, batch_size=5, progress=False)[1]
+    slow = ilu.mc_accuracy(model, tok, qs, "biology", return_predictions=True, batch_size=7, one_forward=False,
+                           progress=False)[1]
+    assert fast == want and slow == want
+    whole = ilu.mc_accuracy(model, tok, qs, "biology", return_predictions=True, max_length=10 ** 6,
+                            progress=False)[1]
+    assert whole != want                                          # the cut changes predictions here
+
+
+def test_context_window_follows_lm_eval():
+    from transformers import GPT2Config, LlamaConfig
+
+    class Model:
+        def __init__(self, config):
+            self.config = config
+
+    class Tok:
+        model_max_length = int(1e30)                              # transformers' "not set"
+
+    assert ilu.context_window(Model(GPT2Config(n_positions=300))) == 300          # n_positions first
+    assert ilu.context_window(Model(LlamaConfig(max_position_embeddings=512))) == 512
+    bare = type("Config", (), {})()
+    assert ilu.context_window(Model(bare), Tok()) == 2048                          # lm-eval's default
+    Tok.model_max_length = 1000
+    assert ilu.context_window(Model(bare), Tok()) == 1000
+
+
+@needs_data
+def test_choice_scoring_and_min_k_cut_to_the_window():
+    records = ilu.load_task("agnews", "test", DATA)[:6] + ilu.load_task("winogrande", "test", DATA)[:6]
+    tok = ilu.train_tokenizer([r["prompt"] + r["answer"] for r in records], vocab_size=500)
+    model = model_for(tok, init=0.3)
+    model.config.max_position_embeddings = 32
+    got = ilu.choice_logprobs(model, tok, records, batch_size=5, progress=False)
+    for r, g in zip(records, got):
+        p = tok.encode(r["prompt"])
+        want = [windowed_logprob(model, p, tok.encode(c, add_special_tokens=False), 32) for c in r["choices"]]
+        assert g == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert sum(len(tok.encode(r["prompt"])) > 32 for r in records) >= 6
+    texts = [r["prompt"] for r in records[:4]]
+    first = [tok.encode(t)[:32] for t in texts]                   # MUSE reads whole texts; a window can't
+    assert ilu.min_k_scores(model, tok, texts, progress=False) == pytest.approx(
+        ilu.min_k_scores(model, tok, [tok.decode(ids[1:]) for ids in first], max_length=10 ** 6, progress=False),
+        rel=1e-4)
+
 @needs_data
 def test_batched_greedy_generation_equals_unbatched():
     texts = [t[:n] for t, n in zip(ilu.load_muse("privleak", "forget", "news", DATA)[:6], (40, 300, 90, 10, 200, 150))]
