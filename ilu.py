@@ -476,6 +476,29 @@ def encode_texts(tokenizer, texts: Iterable[str], max_length: int = 1024) -> lis
     return out
 
 
+def encode_windows(tokenizer, texts: Sequence[str], max_length: int = 2048, joiner: str = "\n\n") -> list[dict]:
+    """A corpus as consecutive windows of max_length tokens, every token a target: the rule of
+    MUSE's baselines (`baselines/dataset.py`, `DefaultDataset` on a raw .txt corpus).
+
+    The texts are joined with `joiner` (a blank line, as open-unlearning joins MUSE's raw
+    documents) and tokenized once without special tokens; the stream is cut into pieces of
+    max_length - 1 tokens, each behind a BOS (max_length tokens without one, when the
+    tokenizer has no BOS); a short last window is topped up with the first window's tokens
+    (MUSE's rotation), so every window is full and every token of the corpus is trained on.
+    """
+    if not texts:
+        return []
+    stream = tokenizer(joiner.join(texts), add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = max_length - len(bos)
+    if step < 1:
+        raise ILUError(f"max_length {max_length} leaves no room for text after the BOS token")
+    windows = [bos + stream[i:i + step] for i in range(0, len(stream), step)]
+    if len(windows[-1]) < max_length:              # MUSE's rotation
+        windows[-1] = (windows[-1] + windows[0])[:max_length]
+    return [{"input_ids": w, "labels": list(w)} for w in windows]
+
+
 def encode_pairs(tokenizer, pairs: Iterable[Mapping[str, str]], max_length: int = 512,
                  add_eos: bool = True) -> list[dict]:
     """{"prompt", "answer"} pairs to encoded examples with only the answer tokens as targets.

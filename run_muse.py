@@ -40,7 +40,11 @@ class Config(runlib.CommonConfig):
     model: str = h("target model; empty: the MUSE target of --corpus (muse-bench/MUSE-news_target, "
                    "muse-bench/MUSE-books_target)", default="")
     out: str = h("output folder: results.json, results.md, unlearned/", default="runs/muse")
-    max_length: int = h("tokens per forget/retain text; 0: method default (NPO 1024, RMU 512)", default=0)
+    max_length: int = h("tokens per forget/retain window; 0: method default (NPO 1024, RMU 512)", default=0)
+    corpus_windows: bool = h("cut the joined raw forget/retain text into consecutive windows of --max-length "
+                             "tokens, as MUSE's baselines do (ilu.encode_windows); off: one example per "
+                             "document, its first --max-length tokens (--tiny always: its texts are short)",
+                             default=True)
     verbmem_tokens: int = h("VerbMem: new tokens, and ground-truth tokens compared (MUSE: 128)", default=128)
     knowmem_tokens: int = h("KnowMem: new tokens of each answer (MUSE: 32)", default=32)
     icl_shots: int = h("KnowMem: in-context examples, from *_qa_icl (MUSE: all 10)", default=10)

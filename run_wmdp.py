@@ -115,7 +115,14 @@ def setup_tiny(cfg: Config, tasks: list[str]):
     return model, tok, dict(bio=bio, cyber=cyber, mmlu=mmlu), [mc_pair(q) for q in bio], [mc_pair(q) for q in mmlu]
 
 
+MIN_CHARS = 50  # WMDP's RMU code (rmu/utils.py, get_data) drops corpus texts of 50 characters or fewer
+
+
 def setup_full(cfg: Config):
+    """Zephyr (or --model), the questions, and the corpora as the WMDP/RMU code reads them: one
+    example per document, its first --max-length tokens (RMU: 512; the bio/cyber 512/768 split of
+    its forget lengths is one --max-length here), texts of MIN_CHARS characters or fewer dropped.
+    The ILU authors' pipeline is not public; the paper's RMU baseline follows this recipe."""
     import ilu
 
     model, tok = ilu.load_model(cfg.model, gradient_checkpointing=True)
@@ -123,8 +130,8 @@ def setup_full(cfg: Config):
           (("bio", "wmdp-bio"), ("cyber", "wmdp-cyber"), ("mmlu", "mmlu"))}
     if cfg.eval_limit:
         qs = {k: v[:cfg.eval_limit] for k, v in qs.items()}
-    forget = [t for c in cfg.forget_corpora for t in ilu.load_corpus(c, cfg.data_dir)]
-    retain = [t for c in cfg.retain_corpora for t in ilu.load_corpus(c, cfg.data_dir)]
+    forget = [t for c in cfg.forget_corpora for t in ilu.load_corpus(c, cfg.data_dir) if len(t) > MIN_CHARS]
+    retain = [t for c in cfg.retain_corpora for t in ilu.load_corpus(c, cfg.data_dir) if len(t) > MIN_CHARS]
     return model, tok, qs, forget, retain
 
 

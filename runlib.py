@@ -175,10 +175,14 @@ def method_label(cfg_dict: dict) -> str:
     return f"{base} + ILU({'Multi' if len(envs) > 1 else envs[0].upper() if envs[0] == 'gsm8k' else envs[0]}{split})"
 
 
-def encode(tok, items, max_length: int):
-    """Raw texts (every token a target) or prompt/answer pairs (the answer only, no EOS)."""
+def encode(tok, items, max_length: int, windows: bool = False):
+    """Raw texts (every token a target: one truncated example per text, or with windows=True
+    the joined corpus cut into consecutive windows, ilu.encode_windows) or prompt/answer pairs
+    (the answer only, no EOS)."""
     if items and isinstance(items[0], dict):
         return ilu.encode_pairs(tok, items, max_length=max_length, add_eos=False)
+    if windows:
+        return ilu.encode_windows(tok, items, max_length)
     return ilu.encode_texts(tok, items, max_length)
 
 
@@ -199,7 +203,9 @@ def unlearn_args(cfg) -> dict:
 
 def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path):
     """Unlearn (with the ILU environments of cfg), save the model to out/unlearned, record the history."""
-    forget, retain = encode(tok, forget_items, cfg.max_length), encode(tok, retain_items, cfg.max_length)
+    windows = getattr(cfg, "corpus_windows", False) and not cfg.tiny
+    forget = encode(tok, forget_items, cfg.max_length, windows)
+    retain = encode(tok, retain_items, cfg.max_length, windows)
     envs = env_data(tok, cfg)
     start = time.perf_counter()
     history = ilu.unlearn(model, forget, retain, envs=envs, **unlearn_args(cfg))

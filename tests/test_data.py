@@ -163,3 +163,58 @@ def test_hub_failure_is_one_line(monkeypatch):
     with pytest.raises(ilu.ILUError, match=r"cannot load cais/wmdp \(wmdp-bio, test\) from the hub: Couldn't reach") as e:
         ilu.load_questions("wmdp-bio")
     assert "\n" not in str(e.value)
+
+
+# -- corpora as training examples: MUSE's windows ----------------------------------------------
+
+@needs_data
+def test_muse_forget_corpus_windows_cover_every_token():
+    docs = ilu.load_corpus("muse-news-forget", DATA)
+    tok = ilu.train_tokenizer(docs[:200], vocab_size=2048)
+    stream = tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    L = 512
+    before = ilu.encode_texts(tok, docs, max_length=L)             # one truncated example per document
+    covered = sum(len(e["input_ids"]) - 1 for e in before) / len(stream)   # less each BOS
+    assert covered < 0.6                                          # about half of each document is lost
+    windows = ilu.encode_windows(tok, docs, max_length=L)
+    assert all(len(w["input_ids"]) == L and w["labels"] == w["input_ids"] for w in windows)
+    assert all(w["input_ids"][0] == tok.bos_token_id for w in windows)
+    step, n = L - 1, len(windows)
+    assert n == -(-len(stream) // step)                           # ceil: every token in some window
+    for k, w in enumerate(windows[:-1]):                          # exact, consecutive, no overlap, no gap
+        assert w["input_ids"][1:] == stream[k * step:(k + 1) * step]
+    tail = stream[(n - 1) * step:]
+    last = windows[-1]["input_ids"]
+    assert last[1:1 + len(tail)] == tail                          # the end of the corpus ...
+    assert last[1 + len(tail):] == windows[0]["input_ids"][:L - 1 - len(tail)]   # ... then MUSE's rotation
+    trained = [t for w in windows[:-1] for t in w["input_ids"][1:]] + tail
+    assert trained == stream                                      # coverage 1.0: every token, once
+
+
+def test_windows_without_bos_and_short_corpus():
+    tok = ilu.train_tokenizer([], merges=False)                   # one token per byte
+    tok.bos_token = None
+    out = ilu.encode_windows(tok, ["abcdefg", "hi"], max_length=4)   # "abcdefg\n\nhi": 11 tokens
+    assert [tok.decode(w["input_ids"]) for w in out] == ["abcd", "efg\n", "\nhia"]
+    assert ilu.encode_windows(tok, [], max_length=4) == []
+    with pytest.raises(ilu.ILUError, match="no room"):
+        ilu.encode_windows(ilu.train_tokenizer([], merges=False), ["abc"], max_length=1)
+
+
+@needs_data
+def test_privleak_scores_each_text_whole_up_to_the_window(monkeypatch):
+    from conftest import model_for
+
+    texts = ilu.load_muse("privleak", "forget", "news", DATA)[:6]
+    tok = ilu.train_tokenizer(texts, vocab_size=1024)
+    model = model_for(tok)                                        # a 4,096-position window
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    assert max(lengths) > 2048                                    # the old fixed cap would have cut these
+    seen, real = [], ilu._logits
+    monkeypatch.setattr(ilu, "_logits", lambda m, seqs: seen.extend(map(len, seqs)) or real(m, seqs))
+    ilu.min_k_scores(model, tok, texts, batch_size=2, progress=False)
+    assert sorted(seen) == sorted(min(n, 4096) for n in lengths)
+    model.config.max_position_embeddings = 1000
+    seen.clear()
+    ilu.min_k_scores(model, tok, texts, batch_size=2, progress=False)
+    assert seen == [1000] * len(texts)
