@@ -81,10 +81,9 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the unmasked tokens of the batch (HF's LM loss), fp32."""
     logits, labels, mask = _shift(logits, labels)
-    if not mask.any():
-        return logits.sum().float() * 0.0  # no target token: zero loss that keeps the graph
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total / mask.sum().clamp(min=1)  # no target token: 0, with the graph kept (no data-dependent branch)
 
 
 def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 0.1) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                            # CPU, a small Mistral-shaped model (~3 min, 2 cores)
     python benchmarks/bench.py --device cuda --size 7b    # one GPU, Mistral-7B shape, bf16, checkpointing
+    python benchmarks/bench.py --size 7b --trace          # traced peak memory of every stage, CPU, no GPU
 
 Nothing is downloaded: the model is built from a config with random weights, and the
 evaluation rows use a tokenizer trained on synthetic text. The two timings of a ratio are
@@ -22,6 +23,7 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     # A fixed threshold stops glibc from keeping freed large blocks, so the process's resident
@@ -45,6 +47,13 @@ SIZES = {
                           num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096),
                seq=1024, env_len=256, grad_batch=8, mc=64, gen=8, gen_tokens=32, repeats=3),
 }
+TRACE = {  # --trace: the stages' data (memtrace.stages); 7b: the paper's settings
+    "7b": dict(),
+    "tiny": dict(seq=256, env_len=64, rmu_seq=128, rmu_layer=2, finetune_len=64, eval_len=256, gen_len=512),
+    "micro": dict(seq=32, env_len=16, rmu_seq=16, rmu_layer=1, finetune_len=16, eval_len=32, gen_len=16),
+}
+PLAN_GB = {"NPO + ILU(GSM8K), full estimator": "≈ 68 GB", "NPO + ILU(GSM8K), env_micro_batch 8": "≈ 65 GB",
+           "RMU": "≈ 17 GB"}  # the README's arithmetic plan, before the trace
 WORDS = ("cell virus protein gene enzyme host strain membrane sample culture dose agent vector "
          "assay toxin spore lab result method test signal model data field value").split()
 
@@ -178,6 +187,41 @@ def npo_step(model, fb, rb, ref):
     model.zero_grad(set_to_none=True)
 
 
+def trace_table(args):
+    """The traced peak memory of every stage, by category, beside the README's arithmetic plan."""
+    import memtrace
+
+    S, G = SIZES[args.size], memtrace.GiB
+    stages = memtrace.stages(S["model"]["vocab_size"], **TRACE[args.size])
+    answer = TRACE[args.size].get("env_len", 256) // 2
+    cfg = dict(S["model"])
+    n = cfg["vocab_size"] * cfg["hidden_size"] * 2 + cfg["num_hidden_layers"] * (
+        2 * cfg["hidden_size"] ** 2 * (1 + cfg["num_key_value_heads"] / cfg["num_attention_heads"])
+        + 3 * cfg["hidden_size"] * cfg["intermediate_size"] + 2 * cfg["hidden_size"]) + cfg["hidden_size"]
+    print(f"bench.py --size {args.size} --trace: Mistral shape, {n / 1e9:.2f}B parameters, bf16, gradient "
+          f"checkpointing, traced under FakeTensorMode on {platform.processor() or platform.machine()}; "
+          f"torch {torch.__version__}", flush=True)
+    head = ["stage", "params", "grads", "optimizer", "activations", "temporaries", "peak (GiB)", "README plan",
+            "trace time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    print("\n".join(lines), flush=True)
+    for name, stage in stages.items():
+        t0 = time.perf_counter()
+        m = memtrace.trace(stage, cfg, fake=True, answer_tokens=answer)
+        row = [name, *[f"{m[c] / G:.2f}" for c in memtrace.CATEGORIES], f"**{m['total'] / G:.2f}**",
+               PLAN_GB.get(name, "–") if args.size == "7b" else "–", f"{time.perf_counter() - t0:.0f} s"]
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    tv = 2 * n * 2 / G                    # state_of(theta_o) and state_of(theta_u), bf16, on the CPU
+    lines.append(f"\nTask-vector analysis (CPU memory, arithmetic: not traced): {tv:.1f} GiB for the two CPU "
+                 f"snapshots theta_o and theta_u (state_of, bf16); the fine-tuned models are read one tensor at a "
+                 f"time (runlib.SavedState), plus two fp64 copies of the largest tensor "
+                 f"({2 * 8 * cfg['vocab_size'] * cfg['hidden_size'] / G:.1f} GiB) while a cosine is summed.")
+    print(lines[-1])
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -186,8 +230,12 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     ap.add_argument("--whole-steps", action="store_true",
                     help="also the peak-memory rows of whole steps (always on with cuda; GPU memory only)")
+    ap.add_argument("--trace", action="store_true",
+                    help="instead: trace each stage's peak memory on the CPU without allocating it (memtrace.py)")
     ap.add_argument("--out", default="", help="also write the table (markdown) to this file")
     args = ap.parse_args()
+    if args.trace:
+        return trace_table(args)
     S = SIZES[args.size]
     reps = args.repeats or S["repeats"]
     device = torch.device(args.device)
