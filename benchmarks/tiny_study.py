@@ -301,6 +301,40 @@ def tables(name, recipe, tasks, control, runs, seeds, ft) -> str:
     return text
 
 
+def summary(raw: dict) -> str:
+    """One row per recipe and model: the forget metric, what fine-tuning did to it, and the diagnostics,
+    each a mean over tasks of the per-seed means (the per-recipe tables give every task with its spread)."""
+    head = ["recipe", "model", "forget metric, unlearned", "mean after fine-tuning", "best share back (task)",
+            "dL (mean over tasks)", "cos back (mean; most negative)", "cos ft", "‖τu‖/‖τft‖", "relearning"]
+    rows = []
+    for name, r in raw.items():
+        key, tasks = forget_key(r["part"]), r["tasks"]
+        ok_control = r["control"]
+        target = statistics.mean(c["unlearned"][key] for c in ok_control)
+        rows.append([name, "Original (control)", f"{target:.3f}", f"{statistics.mean(c['finetuned'][t][key] for c in ok_control for t in tasks):.3f}",
+                     "–", "–", "–", "–", "–", "–"])
+        for lab, runs in r["runs"].items():
+            runs = [x for x in runs if "error" not in x]
+            if not runs:
+                rows.append([name, lab, "diverged", *["–"] * 7])
+                continue
+            rel = r["relearning"][lab]
+            best = max(tasks, key=lambda t: rel[t]["share"])
+            back = {t: statistics.mean(x["geometry"][t]["cos_back"] for x in runs) for t in tasks}
+            low = min(tasks, key=lambda t: back[t])
+            mean = lambda f: statistics.mean(f(x) for x in runs)  # noqa: E731
+            rows.append([name, lab, f"{mean(lambda x: x['unlearned'][key]):.3f}",
+                         f"{mean(lambda x: statistics.mean(x['finetuned'][t][key] for t in tasks)):.3f}",
+                         f"{rel[best]['share']:+.2f} ({best})",
+                         f"{mean(lambda x: statistics.mean(x['dL'].values())):+.2f}",
+                         f"{statistics.mean(back.values()):+.2f}; {back[low]:+.2f} ({low})",
+                         f"{mean(lambda x: statistics.mean(g['cos_ft'] for g in x['geometry'].values())):+.2f}",
+                         f"{mean(lambda x: statistics.mean(g['norm_ratio'] for g in x['geometry'].values())):.2f}",
+                         ", ".join(t for t in tasks if rel[t]["relearns"]) or "no"])
+    return ("### Summary over recipes (forget metric: WMDP-Bio accuracy or MUSE VerbMem)\n\n"
+            + runlib.markdown_table(head, rows) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=None, help="local data copies (default: the hub)")
@@ -311,13 +345,16 @@ def main():
     ap.add_argument("--variants", nargs="+", default=None,
                     help="only these rows, by label (e.g. NPO 'NPO + ILU λ=1'); default: each recipe's")
     ap.add_argument("--out", default="runs/tiny_study", help="folder for study.md and study.json")
+    ap.add_argument("--report", action="store_true", help="only rewrite study.md from the study.json in --out")
     args = ap.parse_args()
+    if args.report:
+        return write_report(Path(args.out), json.loads((Path(args.out) / "study.json").read_text()))
     runlib.check_data_dir(args.data_dir)
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         runlib.fail(f"unknown recipe {unknown[0]}: choose among {', '.join(RECIPES)}")
     os.makedirs(args.out, exist_ok=True)
-    report, raw, settings, t0 = "", {}, {}, time.perf_counter()
+    raw, settings, t0 = {}, {}, time.perf_counter()
     for name in args.recipes:
         recipe = RECIPES[name]
         key = (recipe.part, json.dumps(recipe.target, sort_keys=True))
@@ -335,11 +372,20 @@ def main():
                          relearning={lab: relearning(recipe.part, s.tasks, control,
                                                      [r for r in rs if "error" not in r])
                                      for lab, rs in runs.items()})
-        report += tables(name, recipe, s.tasks, control, runs, args.seeds, ft) + "\n"
         runlib.write_atomic(Path(args.out) / "study.json", json.dumps(raw, indent=1))
-        runlib.write_atomic(Path(args.out) / "study.md", report)
-        print("\n" + report.split("### ")[-1], flush=True)
+        print("\n" + write_report(Path(args.out), raw).split("### ")[-2], flush=True)
+    print(summary(raw))
     print(f"total {time.perf_counter() - t0:.0f} s; tables in {args.out}/study.md")
+
+
+def write_report(out: Path, raw: dict) -> str:
+    """study.md: the summary, then each recipe's tables, from the raw numbers."""
+    text = summary(raw) + "\n"
+    for name, r in raw.items():
+        recipe = RECIPES[name]
+        text += tables(name, recipe, r["tasks"], r["control"], r["runs"], r["seeds"], r["finetune"]) + "\n"
+    runlib.write_atomic(out / "study.md", text)
+    return text
 
 
 if __name__ == "__main__":
