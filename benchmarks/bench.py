@@ -48,7 +48,7 @@ SIZES = {
                seq=1024, env_len=256, grad_batch=8, mc=64, gen=8, gen_tokens=32, repeats=3),
 }
 TRACE = {  # --trace: the stages' data (memtrace.stages); 7b: the paper's settings
-    "7b": dict(),
+    "7b": dict(grad_accum=2),   # the peak of the paper's 4 micro-batches (memtrace.stages), in half the time
     "tiny": dict(seq=256, env_len=64, rmu_seq=128, rmu_layer=2, finetune_len=64, eval_len=256, gen_len=512),
     "micro": dict(seq=32, env_len=16, rmu_seq=16, rmu_layer=1, finetune_len=16, eval_len=32, gen_len=16),
 }

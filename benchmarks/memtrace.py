@@ -136,14 +136,17 @@ def rows(n, length, vocab, answer=None, seed=0):
 
 def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, rmu_layer: int = 7,
            finetune_batch: int = 32, finetune_len: int = 256, eval_batch: int = 16, eval_len: int = 1024,
-           gen_batch: int = 8, gen_len: int = 2048, gen_tokens: int = 4) -> dict:
+           gen_batch: int = 8, gen_len: int = 2048, gen_tokens: int = 4, grad_accum: int = 4) -> dict:
     """{name: stage(model)} for what the runners do, at the paper's settings by default:
     NPO 1 x 4 sequences of `seq` tokens per step, ILU 48 GSM8K examples of env_len tokens
     (half of them answer), RMU 4 x rmu_seq at layer 7, the fine-tuning attack at batch 32,
-    MC evaluation batches of eval_batch prompts, MUSE generation from gen_batch prompts."""
+    MC evaluation batches of eval_batch prompts, MUSE generation from gen_batch prompts.
+    grad_accum: NPO's micro-batches per step (paper: 4). From the second one on, each repeats
+    the same memory pattern over gradients that already exist, so 2 gives the peak of 4 in
+    half the trace time (`test_peak_does_not_grow_past_two_micro_batches`)."""
     forget, retain = rows(4, seq, vocab, seed=1), rows(4, seq, vocab, seed=2)
     env = {"gsm8k": rows(48 + 8, env_len, vocab, answer=env_len // 2, seed=3)}
-    npo = dict(method="npo", steps=2, batch_size=1, grad_accum=4, env_batch_size=48, progress=False,
+    npo = dict(method="npo", steps=2, batch_size=1, grad_accum=grad_accum, env_batch_size=48, progress=False,
                log=lambda s: None)
     rmu = dict(method="rmu", steps=2, batch_size=4, grad_accum=1, env_batch_size=48, rmu_layer=rmu_layer,
                progress=False, log=lambda s: None)

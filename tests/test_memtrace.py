@@ -25,6 +25,14 @@ def test_trace_matches_real_allocations(name):
         assert abs(fake[key] - real[key]) <= TOLERANCE * real["total"], (key, fake, real)
 
 
+def test_peak_does_not_grow_past_two_micro_batches():
+    peaks = []
+    for accum in (2, 4):
+        stage = memtrace.stages(512, seq=32, env_len=16, grad_accum=accum)["NPO + ILU(GSM8K), full estimator"]
+        peaks.append(memtrace.trace(stage, MICRO, answer_tokens=8))
+    assert peaks[0] == peaks[1]
+
+
 def test_traced_parameters_are_the_models_without_storage():
     """A 1.2B-parameter model (7B width, 4 layers) traced in seconds: bf16 parameters, 2 bytes each."""
     import torch
