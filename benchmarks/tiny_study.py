@@ -184,7 +184,7 @@ class Setting:
         return result
 
     def ft_setting(self, recipe: Recipe | None) -> dict:
-        return dict(lr=self.cfg.finetune_lr, steps=self.cfg.finetune_steps, **(recipe.finetune if recipe else {}))
+        return {"lr": self.cfg.finetune_lr, "steps": self.cfg.finetune_steps, **(recipe.finetune if recipe else {})}
 
     def _run(self, recipe, variant, ft, seed, theta_ft=None):
         """Unlearn (or not: variant None is the control), then each fine-tuning from that model."""
@@ -355,7 +355,11 @@ def main():
         runlib.fail(f"unknown recipe {unknown[0]}: choose among {', '.join(RECIPES)}")
     os.makedirs(args.out, exist_ok=True)
     raw, settings, t0 = {}, {}, time.perf_counter()
-    for name in args.recipes:
+    saved = Path(args.out) / "study.json"
+    if saved.exists():                    # resume: recipes already measured with the same seeds are kept
+        raw = {k: v for k, v in json.loads(saved.read_text()).items() if v["seeds"] == args.seeds}
+        print(f"resuming {saved}: {', '.join(raw) or 'nothing'} kept")
+    for name in [r for r in args.recipes if r not in raw or args.variants]:
         recipe = RECIPES[name]
         key = (recipe.part, json.dumps(recipe.target, sort_keys=True))
         if key not in settings:
@@ -372,6 +376,7 @@ def main():
                          relearning={lab: relearning(recipe.part, s.tasks, control,
                                                      [r for r in rs if "error" not in r])
                                      for lab, rs in runs.items()})
+        raw = {n: raw[n] for n in RECIPES if n in raw}                    # the table order
         runlib.write_atomic(Path(args.out) / "study.json", json.dumps(raw, indent=1))
         print("\n" + write_report(Path(args.out), raw).split("### ")[-2], flush=True)
     print(summary(raw))
