@@ -62,7 +62,7 @@ NPO, RMU = ("npo", 0, 0), ("rmu", 0, 0)
 FLUENT = dict(tiny_eos=True, tiny_prose=True, tiny_general=6000, tiny_steps=1000)   # 221 s to train here
 RECIPES = {
     "tiny": Recipe("wmdp", "the runners' --tiny recipe", [NPO, ("npo", 0.1, 0), ("npo", 1, 0), ("npo", 10, 0),
-                                                          RMU, ("rmu", 1, 0)]),
+                                                          RMU, ("rmu", 0.1, 0), ("rmu", 1, 0), ("rmu", 10, 0)]),
     "soft": Recipe("wmdp", "unlearning stopped near the floor: 15 of --tiny's 60 NPO steps", [NPO],
                    unlearn=dict(steps=15)),
     "low-retain": Recipe("wmdp", "retain weight γ 0.1 instead of 1: unlearning that costs general ability", [NPO],
@@ -358,8 +358,9 @@ def main():
     saved = Path(args.out) / "study.json"
     if saved.exists():                    # resume: recipes already measured with the same seeds are kept
         raw = {k: v for k, v in json.loads(saved.read_text()).items() if v["seeds"] == args.seeds}
-        print(f"resuming {saved}: {', '.join(raw) or 'nothing'} kept")
-    for name in [r for r in args.recipes if r not in raw or args.variants]:
+        print(f"resuming {saved}: the rows of {', '.join(raw) or 'nothing'} kept")
+    missing = lambda r: r not in raw or any(label(*v) not in raw[r]["runs"] for v in RECIPES[r].variants)  # noqa: E731
+    for name in [r for r in args.recipes if missing(r)]:
         recipe = RECIPES[name]
         key = (recipe.part, json.dumps(recipe.target, sort_keys=True))
         if key not in settings:
@@ -367,8 +368,14 @@ def main():
         s = settings[key]
         ft = s.ft_setting(recipe)
         control = [s.control(ft, seed)[0] for seed in args.seeds]
+        old = raw.get(name, {}).get("runs", {})                          # rows already measured are kept
         runs = {}
-        for v in [v for v in recipe.variants if not args.variants or label(*v) in args.variants]:
+        for v in recipe.variants:
+            if label(*v) in old:
+                runs[label(*v)] = old[label(*v)]
+                continue
+            if args.variants and label(*v) not in args.variants:
+                continue
             runs[label(*v)] = [s.run(recipe, v, seed) for seed in args.seeds]
             print(f"{name}: {label(*v)} done ({time.perf_counter() - t0:.0f} s)", flush=True)
         raw[name] = dict(part=recipe.part, doc=recipe.doc, tasks=s.tasks, seeds=args.seeds, finetune=ft,
