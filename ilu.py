@@ -1303,14 +1303,14 @@ def choice_logprobs(model, tokenizer, records: Sequence[Mapping], batch_size: in
     no EOS), in fp32. A prompt longer than the model's window is cut from the left as
     lm-evaluation-harness cuts its log-likelihood requests (`_continuation_logprobs`);
     max_length: that window, default `context_window`."""
-    pairs = [{"prompt": r["prompt"], "answer": c} for r in records for c in r["choices"]]
-    enc = [ex for p in pairs for ex in encode_pairs(tokenizer, [p], max_length=10 ** 9, add_eos=False)]
-    if len(enc) != len(pairs):
-        raise ILUError("a choice encodes to no tokens: every choice must be non-empty")
     requests = []
-    for ex in enc:
-        n = sum(label == IGNORE for label in ex["labels"])               # the prompt's tokens
-        requests.append((ex["input_ids"][:n], ex["input_ids"][n:]))
+    for r in records:
+        prompt = tokenizer(r["prompt"])["input_ids"]                   # once per record, not per choice
+        for c in r["choices"]:
+            answer = tokenizer(c, add_special_tokens=False)["input_ids"]
+            if not answer:
+                raise ILUError("a choice encodes to no tokens: every choice must be non-empty")
+            requests.append((prompt, answer))
     flat = _continuation_logprobs(model, requests, max_length or context_window(model, tokenizer), batch_size,
                                   "score choices", progress, fp32=True)
     out, i = [], 0

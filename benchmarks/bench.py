@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ilu  # noqa: E402
+import memtrace  # noqa: E402
 
 SIZES = {
     "tiny": dict(model=dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -114,15 +115,6 @@ def spread(xs) -> str:
 
 # -- data ----------------------------------------------------------------------------------------
 
-def token_rows(n, length, vocab, seed, answer_from=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * answer_from + ids[answer_from:]})
-    return rows
-
-
 def questions(n, seed=0):
     rng = random.Random(seed)
     sent = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
@@ -189,16 +181,11 @@ def npo_step(model, fb, rb, ref):
 
 def trace_table(args):
     """The traced peak memory of every stage, by category, beside the README's arithmetic plan."""
-    import memtrace
-
     S, G = SIZES[args.size], memtrace.GiB
     stages = memtrace.stages(S["model"]["vocab_size"], **TRACE[args.size])
     answer = TRACE[args.size].get("env_len", 256) // 2
     cfg = dict(S["model"])
-    n = cfg["vocab_size"] * cfg["hidden_size"] * 2 + cfg["num_hidden_layers"] * (
-        2 * cfg["hidden_size"] ** 2 * (1 + cfg["num_key_value_heads"] / cfg["num_attention_heads"])
-        + 3 * cfg["hidden_size"] * cfg["intermediate_size"] + 2 * cfg["hidden_size"]) + cfg["hidden_size"]
-    print(f"bench.py --size {args.size} --trace: Mistral shape, {n / 1e9:.2f}B parameters, bf16, gradient "
+    print(f"bench.py --size {args.size} --trace: Mistral shape, bf16, gradient "
           f"checkpointing, traced under FakeTensorMode on {platform.processor() or platform.machine()}; "
           f"torch {torch.__version__}", flush=True)
     head = ["stage", "params", "grads", "optimizer", "activations", "temporaries", "peak (GiB)", "README plan",
@@ -208,12 +195,14 @@ def trace_table(args):
     for name, stage in stages.items():
         t0 = time.perf_counter()
         m = memtrace.trace(stage, cfg, fake=True, answer_tokens=answer)
+        n = m["PARAM"] // 2                                       # bf16: 2 bytes a parameter
         row = [name, *[f"{m[c] / G:.2f}" for c in memtrace.CATEGORIES], f"**{m['total'] / G:.2f}**",
                PLAN_GB.get(name, "–") if args.size == "7b" else "–", f"{time.perf_counter() - t0:.0f} s"]
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
     tv = 2 * n * 2 / G                    # state_of(theta_o) and state_of(theta_u), bf16, on the CPU
-    lines.append(f"\nTask-vector analysis (CPU memory, arithmetic: not traced): {tv:.1f} GiB for the two CPU "
+    lines.append(f"\n{n / 1e9:.2f}B parameters. Task-vector analysis (CPU memory, arithmetic: not traced): "
+                 f"{tv:.1f} GiB for the two CPU "
                  f"snapshots theta_o and theta_u (state_of, bf16); the fine-tuned models are read one tensor at a "
                  f"time (runlib.SavedState), plus two fp64 copies of the largest tensor "
                  f"({2 * 8 * cfg['vocab_size'] * cfg['hidden_size'] / G:.1f} GiB) while a cosine is summed.")
@@ -263,8 +252,8 @@ def main():
     print(head, flush=True)
 
     V, L, E = S["model"]["vocab_size"], S["seq"], S["env_len"]
-    forget, retain = token_rows(8, L, V, 1), token_rows(8, L, V, 2)
-    env = token_rows(48, E, V, 3, answer_from=E // 2)
+    forget, retain = memtrace.rows(8, L, V, seed=1), memtrace.rows(8, L, V, seed=2)
+    env = memtrace.rows(48, E, V, answer=E - E // 2, seed=3)
     common = dict(forget=forget, retain=retain, method="npo", batch_size=1, grad_accum=4, lr=1e-5, steps=2,
                   progress=False, log=lambda s: None)
 
@@ -370,7 +359,7 @@ def main():
                          ("NPO, 1 x 4", {})):
             add(f"peak GPU memory, {name} step", peak_of(lambda: step_ms(**kw)),
                 "weights, gradients, AdamWSR moments, activations")
-        rf, rr = token_rows(8, L // 2, V, 4), token_rows(8, L // 2, V, 5)
+        rf, rr = memtrace.rows(8, L // 2, V, seed=4), memtrace.rows(8, L // 2, V, seed=5)
         layer = min(7, S["model"]["num_hidden_layers"] - 2)
         rmu = lambda: ilu.unlearn(model, rf, rr, "rmu", batch_size=4, grad_accum=1, steps=2, lr=5e-5,  # noqa: E731
                                   rmu_layer=layer, max_grad_norm=None, progress=False, log=lambda s: None)
