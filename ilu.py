@@ -27,8 +27,8 @@ or use the pieces directly:
     ilu.unlearn(model, forget, retain, "npo", envs={"gsm8k": env}, lam=1.0)
 
 Sections, in reading order: losses -> the invariance penalty -> data sets -> batching ->
-model loading and memory -> the unlearning loop -> the fine-tuning attack -> evaluation
--> analysis.
+model loading and memory -> many GPUs (FSDP2) -> the unlearning loop -> the fine-tuning
+attack -> evaluation -> analysis.
 Everything is plain PyTorch; the only dependencies are torch, transformers, datasets, tqdm.
 """
 from __future__ import annotations
@@ -36,12 +36,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -561,21 +563,30 @@ class _Sampler:
 #    rounding: each small update lands with the right probability, unbiased in expectation.
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "bfloat16", device: str | None = None,
-               gradient_checkpointing: bool = False):
+def load_model(name_or_path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device | None = None,
+               gradient_checkpointing: bool = False, sharded: bool = False):
     """Load a causal LM and its tokenizer from the hub or a local folder.
 
     dtype: "bfloat16" (default, the paper's setting) or "float32" (for CPU runs).
     device: default "cuda" when available, else "cpu". A tokenizer without a pad token gets
     its EOS token as pad token (padding is always masked, so the choice does not matter).
+    sharded=True, under torchrun after `init_distributed` (device: its return value): rank 0
+    reads the weights into CPU memory, the other ranks build the model on the meta device
+    (no memory), `shard` cuts it across the ranks onto `device`, and rank 0's weights are
+    broadcast into the shards. The node's CPU memory holds one copy of the model, not one per GPU.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sharded = sharded and _distributed()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        if sharded and not is_main():
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ILUError(f"cannot load model '{name_or_path}': {first} (check the name or path; "
@@ -588,6 +599,8 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "bfloat16", device:
     model.config.pad_token_id = tokenizer.pad_token_id
     if gradient_checkpointing:
         enable_checkpointing(model)
+    if sharded:
+        return _shard_from_rank0(model, device), tokenizer
     return model.to(device), tokenizer
 
 
@@ -681,7 +694,8 @@ class AdamWSR(torch.optim.Optimizer):
     Moments are kept in the parameter's dtype (bf16 for a bf16 model: 2 x 14.5 GB for 7.2B
     parameters instead of 58 GB in fp32). Each step computes in fp32 and writes weights
     and moments back with stochastic rounding, so updates far below bf16's resolution add
-    up correctly on average. For fp32 parameters it is exactly AdamW.
+    up correctly on average. For fp32 parameters it is exactly AdamW. Under FSDP2 each rank updates its
+    own shard (moments sharded alike), with rounding noise that differs by rank.
     """
 
     def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -690,23 +704,25 @@ class AdamWSR(torch.optim.Optimizer):
         self.seed, self._generators = seed, {}
 
     def _generator(self, device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        if device not in self._generators:   # each rank of a sharded model its own rounding noise
+            seed = self.seed + 1_000_003 * (dist.get_rank() if _distributed() else 0)
+            self._generators[device] = torch.Generator(device=device).manual_seed(seed)
         return self._generators[device]
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
+            for param in group["params"]:
+                if param.grad is None:
                     continue
-                state = self.state[p]
+                p = _mine(param)                          # FSDP2: this rank's shard; else the tensor itself
+                state = self.state[param]
                 if not state:
                     state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
                 state["step"] += 1
                 t = state["step"]
-                g = p.grad.float()
+                g = _mine(param.grad).float()
                 m = state["m"].float().mul_(b1).add_(g, alpha=1 - b1)          # first moment
                 v = state["v"].float().mul_(b2).addcmul_(g, g, value=1 - b2)   # second moment
                 w = p.float().mul_(1 - lr * wd)                                 # decoupled decay
@@ -726,6 +742,206 @@ def lr_at(step: int, total: int, peak: float, warmup: int, decay: bool = True) -
     if not decay:
         return peak
     return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+# -----------------------------------------------------------------------------
+# Many GPUs: FSDP2 under torchrun
+#
+# `torchrun --nproc-per-node N run_wmdp.py ...` starts N copies of the program, one per GPU.
+# `shard` cuts the model with torch's FSDP2 (`fully_shard`, one unit per decoder layer):
+# each rank holds 1/N of every weight, gradient and optimizer moment, and gathers a layer's
+# weights only while it runs. The loops below then split each step's rows across the ranks:
+# every rank draws the same global batches from the same seeded samplers and runs its own
+# rows. A loss that is a mean over a micro-batch becomes this rank's part of that mean
+# (its mean x its share of the tokens or rows), and FSDP sums the gradients rather than
+# averaging them, so the ranks add up to the single-process objective. The IRM penalty needs
+# one step more: the environment's g = sum of (E_p[z] - z_y) / token count is summed over
+# the ranks before it is squared (a mean of per-rank penalties would be another, biased
+# objective). Evaluation runs every batch on every rank (each forward of a sharded model
+# needs all of them) and gives the same numbers everywhere; only rank 0 prints and writes.
+# A model that is not sharded trains exactly as in one process, whatever the launcher.
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main() -> bool:
+    """True on rank 0 of a torchrun group, and in a single process: the one that prints and writes."""
+    return not _distributed() or dist.get_rank() == 0
+
+
+def is_sharded(model) -> bool:
+    """Whether `model` was cut by `shard` (FSDP2) across the ranks of a torchrun group."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) and _distributed()
+
+
+def init_distributed(backend: str | None = None) -> torch.device:
+    """Join the process group that torchrun set up (WORLD_SIZE > 1) and return this rank's device:
+    cuda:LOCAL_RANK with NCCL when GPUs are present, else the CPU with gloo. One process: nothing to
+    join, and the device is cuda when available, else cpu."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world <= 1:
+        return torch.device("cuda" if cuda else "cpu")
+    backend = backend or ("nccl" if cuda else "gloo")
+    if not dist.is_available() or not dist.is_backend_available(backend):
+        raise ILUError(f"the torch.distributed backend '{backend}' is not available in this build of torch: "
+                       "use gloo on CPUs, nccl on NVIDIA GPUs")
+    if backend == "nccl" and not cuda:
+        raise ILUError("the nccl backend needs CUDA GPUs, and none is visible: use gloo on CPUs")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda and local >= torch.cuda.device_count():
+        raise ILUError(f"LOCAL_RANK {local} has no GPU: this node has {torch.cuda.device_count()}; "
+                       "give --nproc-per-node at most that many")
+    device = torch.device(f"cuda:{local}" if cuda and backend == "nccl" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return device
+
+
+def shard(model, device=None):
+    """Cut `model` across the ranks with FSDP2: each decoder layer one unit, then the rest (embeddings,
+    final norm, LM head). Parameters on the CPU (or on the meta device, see `load_model`) move to
+    `device` as shards. Gradients are summed over the ranks, not averaged (see this section's note).
+    One process: the model is returned as it is."""
+    if not _distributed():
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type == "meta":
+        device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)   # a plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
+def _shard_from_rank0(model, device):
+    """`shard` a model that holds real weights on rank 0 and meta tensors elsewhere, then fill
+    every rank's shards from rank 0 (the buffers, e.g. rotary frequencies, are broadcast whole)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = model.state_dict() if is_main() else {}
+    shard(model, device)
+    if not is_main():
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for b in model.buffers():
+        dist.broadcast(b, src=0)
+    return model
+
+
+def _reshard(model) -> None:
+    """Put every unit of a sharded model back to its shards. While a unit's weights are gathered,
+    FSDP2 registers the gathered tensors as the module's parameters, and it keeps the root unit
+    (embeddings, final norm, LM head) gathered after a forward: model.parameters() read after an
+    evaluation or NPO's reference pass would hand the optimizer tensors that receive no gradient.
+    Called before the parameters are collected and at the start of every training step."""
+    if is_sharded(model):
+        for m in model.modules():
+            if hasattr(m, "reshard"):
+                m.reshard()
+
+
+def _mine(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter or gradient (a DTensor); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def local_part(model, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a full tensor of parameter `name` (FSDP2 cuts dim 0 into world-size
+    torch.chunk pieces); a tensor already of the shard's shape (a `state_of` snapshot) as it is;
+    any tensor as it is for a model that is not sharded."""
+    _reshard(model)                                   # gathered weights are not this rank's shards
+    local = _mine(model.get_parameter(name))
+    if not is_sharded(model) or tensor.shape == local.shape:
+        return tensor
+    pieces = tensor.chunk(dist.get_world_size(), dim=0)
+    rank = dist.get_rank()
+    part = pieces[rank] if rank < len(pieces) else tensor[:0]
+    if part.shape != local.shape:
+        raise ILUError(f"{name}: a tensor of shape {tuple(tensor.shape)} is neither the full parameter nor this "
+                       f"rank's shard {tuple(local.shape)}")
+    return part
+
+
+def _world(model) -> tuple[int, int]:
+    """(rank, world size) over which `model`'s batches are split: (0, 1) unless it is sharded."""
+    return (dist.get_rank(), dist.get_world_size()) if is_sharded(model) else (0, 1)
+
+
+def _all_sum(*values: float) -> list[float]:
+    """Each value summed over the ranks (fp64, on the device the backend needs)."""
+    if not _distributed():
+        return list(values)
+    nccl = dist.get_backend() == "nccl"
+    t = torch.tensor(values, dtype=torch.float64, device=torch.cuda.current_device() if nccl else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _sum_over_ranks(model, *values: float) -> list[float]:
+    """Each value summed over the ranks of a sharded model; the values themselves otherwise."""
+    return _all_sum(*values) if is_sharded(model) else list(values)
+
+
+def _my_rows(model, n: int, what: str) -> slice:
+    """This rank's consecutive rows of a global batch of n rows (all of them when not sharded)."""
+    rank, world = _world(model)
+    if n % world:
+        raise ILUError(f"the {what} has {n} rows, which {world} processes cannot split evenly: "
+                       f"make it a multiple of {world}, or run on a number of GPUs that divides it")
+    k = n // world
+    return slice(rank * k, rank * k + k)
+
+
+def _my_pieces(model, n_micro: int, rows: int, what: str) -> list[tuple[int, slice]]:
+    """This rank's share of one step of n_micro micro-batches of `rows` rows, as (micro-batch, rows):
+    a slice of every micro-batch when the world size divides `rows`, else whole micro-batches."""
+    rank, world = _world(model)
+    if rows % world and n_micro % world:
+        raise ILUError(f"{world} processes can split neither the {what}'s {rows} rows nor its {n_micro} "
+                       f"micro-batches evenly: make one of them a multiple of {world}")
+    if rows % world == 0:
+        return [(m, _my_rows(model, rows, what)) for m in range(n_micro)]
+    return [(m, slice(None)) for m in range(rank, n_micro, world)]
+
+
+def _answer_tokens(labels: torch.Tensor) -> int:
+    """The number of target tokens of a batch (what token_nll and the IRM penalty average over)."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def _rows(batch: Mapping[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def save_model(model, tokenizer, path) -> None:
+    """save_pretrained of model and tokenizer; a sharded model is gathered to full CPU tensors
+    first and rank 0 writes (the others wait)."""
+    if not is_sharded(model):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main():
+        model.save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
+    dist.barrier()
 
 
 # -----------------------------------------------------------------------------
@@ -769,6 +985,26 @@ def hidden_at(model, layer: int, batch: Mapping[str, torch.Tensor], params: Mapp
 
 
 @torch.no_grad()
+def _hidden_at_frozen(model, layer: int, batch: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor]):
+    """hidden_at with the weights in `frozen` (RMU's copies of its trained weights before unlearning).
+
+    One process: torch.func.functional_call swaps them in for the call. FSDP2 re-registers its
+    own parameters at every forward, so a sharded model gets the frozen shards copied into its
+    own for the call, and its current weights back after it. (The graphs of forwards already
+    run do not see the copy: FSDP2 gathers the weights again from the shards in backward.)"""
+    if not is_sharded(model):
+        return hidden_at(model, layer, batch, params=frozen)
+    current = {n: _mine(model.get_parameter(n)).clone() for n in frozen}
+    try:
+        for n, w in frozen.items():
+            _mine(model.get_parameter(n)).copy_(w)
+        return hidden_at(model, layer, batch)
+    finally:
+        for n, w in current.items():
+            _mine(model.get_parameter(n)).copy_(w)
+
+
+@torch.no_grad()
 def reference_logprobs(model, examples: Sequence[Mapping], batch_size: int = 8) -> torch.Tensor:
     """log pi_ref(y|x) of every example, computed once before unlearning (N,) fp32.
 
@@ -800,26 +1036,38 @@ def _irm_backward(model, batch: Mapping[str, torch.Tensor], lam: float, micro: i
     2 E[g] d(E[g]) = d(E[g]^2), the gradient of the penalty of the whole environment; the
     full estimator's E[2 g_B d(g_B)] adds the covariance of g_B and d(g_B), which only
     shrinks as the batch grows. Returns g_A^2.
+
+    A sharded model: every rank holds the same global batches and runs its own rows; the
+    chunks' sums s_c are summed over the ranks too, so g is the global batch's, before squaring.
     """
     def logits_of(b, rows):
         return model(input_ids=b["input_ids"][rows], attention_mask=b["attention_mask"][rows]).logits
 
-    def chunks(b):
-        B = b["input_ids"].size(0)
-        return [slice(i, i + (micro or B)) for i in range(0, B, micro or B)]
+    def chunks(b):                                             # this rank's rows, micro at a time
+        mine = _my_rows(model, b["input_ids"].size(0), "environment batch")
+        step = micro or (mine.stop - mine.start)
+        return [slice(i, min(i + step, mine.stop)) for i in range(mine.start, mine.stop, step)]
 
     def g_of(b):                                               # forward only
         with torch.no_grad():
-            sums = [_irm_terms(logits_of(b, c), b["labels"][c]) for c in chunks(b)]
-        return sum(s for s, _ in sums).item() / max(sum(k for _, k in sums), 1)
+            s = sum(_irm_terms(logits_of(b, c), b["labels"][c])[0] for c in chunks(b))
+        return _sum_over_ranks(model, float(s))[0] / max(_answer_tokens(b["labels"]), 1)
 
-    if grad_batch is None and (micro is None or micro >= batch["input_ids"].size(0)):
-        pen = irm_penalty(logits_of(batch, slice(None)), batch["labels"])
-        (lam * pen).backward()
-        return pen.item()
+    if grad_batch is None and len(chunks(batch)) == 1:        # one forward per rank
+        rows = chunks(batch)[0]
+        logits = logits_of(batch, rows)
+        if not is_sharded(model):
+            pen = irm_penalty(logits, batch["labels"])
+            (lam * pen).backward()
+            return pen.item()
+        s, _ = _irm_terms(logits, batch["labels"][rows])
+        n = max(_answer_tokens(batch["labels"]), 1)
+        g = _sum_over_ranks(model, s.item())[0] / n            # the global g, then squared
+        (lam * 2 * g * s / n).backward()
+        return g * g
     g = g_of(batch)
     target = batch if grad_batch is None else grad_batch
-    n = max(int((target["labels"][:, 1:] != IGNORE).sum()), 1)
+    n = max(_answer_tokens(target["labels"]), 1)
     for c in chunks(target):
         s, _ = _irm_terms(logits_of(target, c), target["labels"][c])
         (lam * 2 * g * s / n).backward()
@@ -871,22 +1119,24 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
         if len(data) == 0:
             raise ILUError(f"the environment '{name}' is empty: give it examples or drop it")
     steps = steps or math.ceil(len(forget) / (batch_size * grad_accum))
-    log = log or tqdm.write
-    device = next(model.parameters()).device
+    log = log or (tqdm.write if is_main() else (lambda line: None))
+    device = _mine(next(model.parameters())).device
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout, if the architecture has any
     f_sampler, r_sampler = _Sampler(len(forget), gen), _Sampler(len(retain), gen)
     e_samplers = {k: _Sampler(len(v), gen) for k, v in envs.items()}
 
+    _reshard(model)
     was_trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     if method == "npo":
         ref = reference_logprobs(model, forget).to(device)    # pi_ref, cached once
+        _reshard(model)
     if method == "rmu":
         trained = [mlp_down_proj(decoder_layers(model)[i]).weight
                    for i in range(max(0, rmu_layer - 2), rmu_layer + 1)]
         ids = {id(w) for w in trained}
         names = [n for n, p in model.named_parameters() if id(p) in ids]
-        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ids}
+        frozen = {n: _mine(p).detach().clone() for n, p in model.named_parameters() if id(p) in ids}
         for p in model.parameters():
             p.requires_grad_(id(p) in ids)
         control = rmu_control_vector(model.config.hidden_size, rmu_coeff, seed).to(device)
@@ -896,43 +1146,54 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
         params = [p for p in model.parameters() if p.requires_grad]
     opt = AdamWSR(params, lr=lr, weight_decay=weight_decay, seed=seed)
     warm = int(warmup * steps)
+    pieces = _my_pieces(model, grad_accum, batch_size, "unlearning micro-batch")
+    for name in envs:
+        _my_rows(model, env_batch_size, f"'{name}' environment batch")
+        _my_rows(model, env_grad_batch or 0, f"'{name}' split-estimator batch")
     model.train()
     history = []
-    bar = tqdm(range(steps), desc=f"unlearn {method}{' + ILU' if envs else ''}", disable=not progress)
+    bar = tqdm(range(steps), desc=f"unlearn {method}{' + ILU' if envs else ''}", disable=not progress or not is_main())
     try:
         for step in bar:
             t0 = time.perf_counter()
+            _reshard(model)
             f_sum = r_sum = 0.0
-            for _ in range(grad_accum):
-                f_idx, r_idx = f_sampler.take(batch_size), r_sampler.take(batch_size)
+            draws = [(f_sampler.take(batch_size), r_sampler.take(batch_size)) for _ in range(grad_accum)]
+            for m, rows in pieces:                         # all micro-batches; sharded: this rank's part
+                f_idx, r_idx = draws[m]
                 fb = collate([forget[i] for i in f_idx], device)
                 rb = collate([retain[i] for i in r_idx], device)
-                if method == "rmu":
+                if method == "rmu":                        # L_RMU (rmu_loss), each term weighted by this rank's share
+                    f_share = float(fb["attention_mask"][rows].sum() / fb["attention_mask"].sum().clamp(min=1))
+                    r_share = float(rb["attention_mask"][rows].sum() / rb["attention_mask"].sum().clamp(min=1))
+                    fb, rb = _rows(fb, rows), _rows(rb, rows)
                     h_f = hidden_at(model, rmu_layer, fb)
                     h_r = hidden_at(model, rmu_layer, rb)
                     with torch.no_grad():
-                        h_r0 = hidden_at(model, rmu_layer, rb, params=frozen)
-                    loss = rmu_loss(h_f, h_r, h_r0, control, fb["attention_mask"],
-                                    rb["attention_mask"], rmu_alpha)
-                    with torch.no_grad():
-                        f_val = masked_mse(h_f, control, fb["attention_mask"]).item()
-                    r_val = loss.item() - f_val                          # alpha * retain MSE
+                        h_r0 = _hidden_at_frozen(model, rmu_layer, rb, frozen)
+                    f_term = masked_mse(h_f, control, fb["attention_mask"]) * f_share
+                    r_term = rmu_alpha * (masked_mse(h_r, h_r0, rb["attention_mask"]) * r_share)
+                    loss = f_term + r_term
                 else:
+                    f_share = (len(f_idx[rows]) / len(f_idx) if method == "npo"
+                               else _answer_tokens(fb["labels"][rows]) / max(_answer_tokens(fb["labels"]), 1))
+                    r_share = _answer_tokens(rb["labels"][rows]) / max(_answer_tokens(rb["labels"]), 1)
+                    fb, rb = _rows(fb, rows), _rows(rb, rows)
                     f_logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
                     if method == "npo":
                         f_term = npo_loss(sequence_logprob(f_logits, fb["labels"]),
-                                          ref[torch.tensor(f_idx, device=device)], beta)
+                                          ref[torch.tensor(f_idx[rows], device=device)], beta) * f_share
                     else:
-                        f_term = -token_nll(f_logits, fb["labels"])     # gradient ascent
+                        f_term = -token_nll(f_logits, fb["labels"]) * f_share   # gradient ascent
                     del f_logits
                     r_logits = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
-                    r_term = token_nll(r_logits, rb["labels"])
+                    r_term = token_nll(r_logits, rb["labels"]) * r_share
                     del r_logits
                     loss = f_term + gamma * r_term
-                    f_val, r_val = f_term.item(), r_term.item()
                 (loss / grad_accum).backward()
-                f_sum += f_val / grad_accum
-                r_sum += r_val / grad_accum
+                f_sum += f_term.item() / grad_accum
+                r_sum += r_term.item() / grad_accum
+            f_sum, r_sum = _sum_over_ranks(model, f_sum, r_sum)
             irm = 0.0
             for name, data in envs.items():                            # ILU: lam * sum_e g_e^2
                 eb = collate([data[i] for i in e_samplers[name].take(env_batch_size)], device)
@@ -954,6 +1215,7 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
             log(f"step {step + 1:>{len(str(steps))}}/{steps} | forget {f_sum:8.4f} | retain {r_sum:8.4f} "
                 f"| irm {irm:.3e} | lr {cur_lr:.1e} | {ms:5.0f} ms")
     finally:
+        _reshard(model)
         for n, p in model.named_parameters():
             p.requires_grad_(was_trainable[n])
         model.eval()
@@ -981,27 +1243,33 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
     """
     if len(data) == 0:
         raise ILUError("the fine-tuning set is empty")
-    device = next(model.parameters()).device
+    device = _mine(next(model.parameters())).device
+    mine = _my_rows(model, batch_size, "fine-tuning batch")      # sharded: this rank's rows of each batch
     per_epoch = max(1, math.ceil(len(data) / (batch_size * grad_accum)))
     total = max_steps or max(1, round(epochs * per_epoch))
     hook_steps = set(hook_steps)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     sampler = _Sampler(len(data), gen)
+    _reshard(model)
     for p in model.parameters():
         p.requires_grad_(True)
     opt = AdamWSR(model.parameters(), lr=lr, weight_decay=weight_decay, seed=seed)
     model.train()
     losses = []
-    bar = tqdm(range(total), desc=desc, disable=not progress)
+    bar = tqdm(range(total), desc=desc, disable=not progress or not is_main())
     for step in bar:
+        _reshard(model)
         step_loss = 0.0
         for _ in range(grad_accum):
             b = collate([data[i] for i in sampler.take(batch_size)], device)
+            share = _answer_tokens(b["labels"][mine]) / max(_answer_tokens(b["labels"]), 1)
+            b = _rows(b, mine)
             loss = token_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                             b["labels"])
+                             b["labels"]) * share
             (loss / grad_accum).backward()
             step_loss += loss.item() / grad_accum
+        step_loss = _sum_over_ranks(model, step_loss)[0]
         if not math.isfinite(step_loss):
             raise ILUError(f"non-finite fine-tuning loss at step {step + 1}: lower the learning rate")
         if max_grad_norm:
@@ -1056,7 +1324,7 @@ def tiny_target(texts: Sequence[str], vocab_size: int = 2048, hidden: int = 128,
 
 
 def _batches(items: Sequence, size: int, desc: str, progress: bool = True):
-    for i in tqdm(range(0, len(items), size), desc=desc, disable=not progress, leave=False):
+    for i in tqdm(range(0, len(items), size), desc=desc, disable=not progress or not is_main(), leave=False):
         yield items[i:i + size]
 
 
@@ -1188,7 +1456,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
         ids = torch.tensor([[pad] * (T - len(enc[i])) + enc[i] for i in idx], device=device)
         mask = torch.tensor([[0] * (T - len(enc[i])) + [1] * len(enc[i]) for i in idx], device=device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+                             do_sample=False, pad_token_id=pad, synced_gpus=is_sharded(model))
         # MUSE decoded with clean_up_tokenization_spaces=True; transformers 5 ignores it for BPE
         # tokenizers, and it only moves spaces before punctuation, which ROUGE-L ignores.
         texts = tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -1345,8 +1613,19 @@ def task_accuracy(model, tokenizer, records: Sequence[Mapping], batch_size: int 
 
 
 def state_of(model) -> dict[str, torch.Tensor]:
-    """A CPU copy of the model's parameters (what task vectors are computed from)."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    """A CPU copy of the model's parameters (what task vectors are computed from); of a sharded
+    model, this rank's shards (cosines and norms then sum over the ranks: across_ranks=True)."""
+    _reshard(model)
+    return {n: _mine(p).detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def load_state(model, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a `state_of` snapshot, or full tensors by parameter name (a saved model's), into the
+    model's parameters; a sharded model takes this rank's part of each (`local_part`)."""
+    _reshard(model)
+    for n, p in model.named_parameters():
+        _mine(p).copy_(local_part(model, n, state[n]))
 
 
 class TaskVector(Mapping):
@@ -1371,15 +1650,20 @@ def task_vector(after: Mapping[str, torch.Tensor], before: Mapping[str, torch.Te
     return TaskVector(after, before)
 
 
-def norm(a: Mapping[str, torch.Tensor]) -> float:
-    """Euclidean norm of a task vector, flattened over all parameters (fp64 sums): ||tau||."""
-    return math.sqrt(sum(float(a[n].double().pow(2).sum()) for n in a))
+def norm(a: Mapping[str, torch.Tensor], across_ranks: bool = False) -> float:
+    """Euclidean norm of a task vector, flattened over all parameters (fp64 sums): ||tau||.
+    across_ranks: the tensors are this rank's shards (`state_of` a sharded model); sum over the ranks."""
+    total = sum(float(a[n].double().pow(2).sum()) for n in a)
+    return math.sqrt(_all_sum(total)[0] if across_ranks else total)
 
 
-def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """Cosine similarity of two task vectors, flattened over all parameters (fp64 sums)."""
+def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], across_ranks: bool = False) -> float:
+    """Cosine similarity of two task vectors, flattened over all parameters (fp64 sums).
+    across_ranks: the tensors are this rank's shards (`state_of` a sharded model); sum over the ranks."""
     dot = na = nb = 0.0
     for n in a:
         x, y = a[n].double().flatten(), b[n].double().flatten()
         dot, na, nb = dot + float(x @ y), na + float(x @ x), nb + float(y @ y)
+    if across_ranks:
+        dot, na, nb = _all_sum(dot, na, nb)
     return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else float("nan")

@@ -129,7 +129,8 @@ def setup_tiny(cfg: Config, tasks: list[str]):
 def setup_full(cfg: Config):
     import ilu
 
-    model, tok = ilu.load_model(cfg.model or MUSE_TARGETS[cfg.corpus], gradient_checkpointing=True)
+    model, tok = ilu.load_model(cfg.model or MUSE_TARGETS[cfg.corpus], device=runlib.DEVICE,
+                                gradient_checkpointing=True, sharded=runlib.sharded())
     ev = load_eval(cfg)
     forget = ilu.load_corpus(f"muse-{cfg.corpus}-forget", cfg.data_dir)
     retain = ilu.load_corpus(f"muse-{cfg.corpus}-retain", cfg.data_dir)

@@ -125,7 +125,7 @@ def setup_full(cfg: Config):
     The ILU authors' pipeline is not public; the paper's RMU baseline follows this recipe."""
     import ilu
 
-    model, tok = ilu.load_model(cfg.model, gradient_checkpointing=True)
+    model, tok = ilu.load_model(cfg.model, device=runlib.DEVICE, gradient_checkpointing=True, sharded=runlib.sharded())
     qs = {k: ilu.load_questions(name, cfg.data_dir) for k, name in
           (("bio", "wmdp-bio"), ("cyber", "wmdp-cyber"), ("mmlu", "mmlu"))}
     if cfg.eval_limit:
@@ -172,7 +172,7 @@ def finetune_stage(model, tok, task, cfg, qs, results, name, save_to=None):
     if note:
         entry["note"] = note
     if save_to:
-        model.save_pretrained(save_to)
+        ilu.save_model(model, tok, save_to)
     results.record(name, entry, start)
     print(f"{name}: RA {entry['ra']:.3f} | FA {entry['fa']:.3f} | FQ along the way "
           + " ".join(f"{c['step']}:{c['fq']:.2f}" for c in curve))
@@ -343,12 +343,12 @@ def main():
     if (cfg.task_vectors and not results.done("task_vectors") and (tv / "original_ft").exists()
             and (tv / "unlearned_ft").exists()):
         start = time.perf_counter()
-        u_ft = runlib.SavedState(tv / "unlearned_ft", theta_o)
-        ft = runlib.SavedState(tv / "original_ft", theta_o)
-        tau_u_ft = ilu.task_vector(u_ft, theta_u)
-        results.record("task_vectors", dict(task=cfg.tv_task,
-                                            cos_uft_ft=ilu.cosine(tau_u_ft, ilu.task_vector(ft, theta_o)),
-                                            cos_uft_u=ilu.cosine(tau_u_ft, ilu.task_vector(theta_u, theta_o))), start)
+        u_ft = runlib.SavedState(tv / "unlearned_ft", theta_o, model)       # sharded: this rank's parts
+        ft = runlib.SavedState(tv / "original_ft", theta_o, model)
+        tau_u_ft, ranks = ilu.task_vector(u_ft, theta_u), ilu.is_sharded(model)
+        results.record("task_vectors", dict(
+            task=cfg.tv_task, cos_uft_ft=ilu.cosine(tau_u_ft, ilu.task_vector(ft, theta_o), across_ranks=ranks),
+            cos_uft_u=ilu.cosine(tau_u_ft, ilu.task_vector(theta_u, theta_o), across_ranks=ranks)), start)
 
     results.data["summary"] = summarize(results, tasks)
     results.save()

@@ -27,8 +27,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def fail(message: str):
-    """Print one line saying what is wrong and exit with status 2 (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print one line saying what is wrong and exit with status 2 (no traceback). Under torchrun
+    every rank meets the same error; rank 0 says it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -58,6 +60,9 @@ def run_main(main: Callable[[], None]):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted: finished stages are saved in results.json; run the same command to resume")
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # -- the configuration both runners share ------------------------------------------------------
@@ -117,6 +122,8 @@ class CommonConfig:
     tiny_steps: int = h("--tiny: target training steps (batch 16)", default=400)
     tiny_hidden: int = h("--tiny: hidden size of the tiny Llama", default=128)
     tiny_layers: int = h("--tiny: layers of the tiny Llama", default=4)
+    dist_backend: str = h("under torchrun: the torch.distributed backend; empty: nccl with GPUs, gloo without",
+                          default="")
     report: list = h("merge the results.json of these run folders (or folders holding them) into one table, in --out",
                      default_factory=list)
 
@@ -152,17 +159,50 @@ def resolve(cfg, explicit: set, tiny_defaults: dict, positive=()):
         if key not in explicit and (getattr(cfg, key) in (0, 0.0) or cfg.tiny):
             setattr(cfg, key, value)
     cfg.ilu_env = envs or ["none"]
+    check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     return cfg
 
 
+def check_world_size(cfg, world: int):
+    """Under torchrun every batch is split evenly across the ranks (ilu's section "Many GPUs"):
+    refuse, before any work, a world size that does not divide one."""
+    if world <= 1:
+        return
+    batches = [("--finetune-batch", cfg.finetune_batch), ("--env-batch-size", cfg.env_batch_size)]
+    if cfg.env_grad_batch:
+        batches.append(("--env-grad-batch", cfg.env_grad_batch))
+    for flag, n in batches:
+        if n % world:
+            fail(f"{flag} {n} cannot be split evenly across {world} processes: make it a multiple of {world}")
+    if cfg.batch_size % world and cfg.grad_accum % world:
+        fail(f"{world} processes can split neither --batch-size {cfg.batch_size} nor --grad-accum "
+             f"{cfg.grad_accum} evenly: make one of them a multiple of {world}")
+
+
+DEVICE = None  # the device of this process: set by start_run (cuda:LOCAL_RANK under torchrun with GPUs)
+
+
 def start_run(cfg, extra_free=()):
-    """Print the config, check --out and open its results (resume)."""
+    """Join the torchrun group if there is one, print the config, check --out and open its results (resume).
+    Under torchrun only rank 0 prints and writes."""
+    global DEVICE
+    DEVICE = ilu.init_distributed(cfg.dist_backend or None)
+    if not ilu.is_main():
+        sys.stdout = open(os.devnull, "w")
     check_out_dir(cfg.out)
     torch.manual_seed(cfg.seed)
     conf = dataclasses.asdict(cfg)
     print("config: " + ", ".join(f"{k}={v}" for k, v in conf.items() if not k.startswith("tiny_") or cfg.tiny))
-    free = {"out", "report", "eval_batch", "cache_dir", *extra_free}
+    if torch.distributed.is_initialized():
+        print(f"torchrun: {torch.distributed.get_world_size()} processes, {torch.distributed.get_backend()}, "
+              f"the model sharded with FSDP2")
+    free = {"out", "report", "eval_batch", "cache_dir", "dist_backend", *extra_free}
     return Results(cfg.out, conf, [k for k in conf if k not in free])
+
+
+def sharded() -> bool:
+    """Whether this run is one of several torchrun processes (the model is then sharded)."""
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def method_label(cfg_dict: dict) -> str:
@@ -209,8 +249,7 @@ def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Pat
     envs = env_data(tok, cfg)
     start = time.perf_counter()
     history = ilu.unlearn(model, forget, retain, envs=envs, **unlearn_args(cfg))
-    model.save_pretrained(out / "unlearned")
-    tok.save_pretrained(out / "unlearned")
+    ilu.save_model(model, tok, out / "unlearned")
     results.record("unlearn", dict(history=history, forget_examples=len(forget), retain_examples=len(retain),
                                    envs={e: len(d) for e, d in envs.items()}), start)
 
@@ -235,7 +274,7 @@ def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, ev
             restore(model, theta_o)
             finetune(t, "original")
     if results.done("unlearned") and (out / "unlearned" / "config.json").exists():
-        restore(model, SavedState(out / "unlearned", theta_o))
+        restore(model, SavedState(out / "unlearned", theta_o, model))
     else:
         restore(model, theta_o)
         unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out)
@@ -251,7 +290,10 @@ def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, ev
 
 
 def pyplot():
-    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
+    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed
+    (and on torchrun ranks other than 0, which write nothing)."""
+    if not ilu.is_main():
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -325,6 +367,9 @@ class Results:
 
 
 def write_atomic(path: Path, text: str):
+    """Write text to path through a temporary file and a rename (rank 0 only under torchrun)."""
+    if not ilu.is_main():
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -349,14 +394,27 @@ def check_data_dir(data_dir: str | None):
 # -- models ------------------------------------------------------------------------------------
 
 def cached_tiny_target(cache_dir: str, recipe: dict, texts: list[str], **kwargs):
-    """ilu.tiny_target, saved under cache_dir/<hash of recipe and texts> and reloaded when present."""
+    """ilu.tiny_target, saved under cache_dir/<hash of recipe and texts> and reloaded when present.
+    Under torchrun rank 0 trains it alone (the others wait), then every rank loads its shards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = hashlib.sha256(json.dumps([recipe, texts], sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir).expanduser() / f"tiny-{recipe.get('name', 'target')}-{key}"
-    if (path / "config.json").exists():
+    cached = (path / "config.json").exists()
+    if sharded():
+        if ilu.is_main() and not cached:
+            _train_tiny(path, texts, kwargs)
+        torch.distributed.barrier()
+        model, tok = ilu.load_model(str(path), "float32", DEVICE, sharded=True)
+        print(f"tiny target: {path}, sharded across {torch.distributed.get_world_size()} processes")
+        return model.eval(), tok, path
+    if cached:
         print(f"tiny target: cached at {path}")
         return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), path
+    return (*_train_tiny(path, texts, kwargs), path)
+
+
+def _train_tiny(path: Path, texts: list[str], kwargs: dict):
     start = time.perf_counter()
     model, tok = ilu.tiny_target(texts, **kwargs)
     path.mkdir(parents=True, exist_ok=True)
@@ -364,21 +422,22 @@ def cached_tiny_target(cache_dir: str, recipe: dict, texts: list[str], **kwargs)
     tok.save_pretrained(path)
     n = sum(p.numel() for p in model.parameters())
     print(f"tiny target: {n / 1e6:.1f}M parameters trained in {time.perf_counter() - start:.0f} s, cached at {path}")
-    return model, tok, path
+    return model, tok
 
 
 def restore(model, state: dict):
-    """Copy a snapshot from ilu.state_of back into the model's parameters."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(state[n])
+    """Copy a snapshot from ilu.state_of (or a SavedState) back into the model's parameters."""
+    ilu.load_state(model, state)
 
 
 class SavedState(dict):
-    """The tensors of a save_pretrained folder, read one at a time (safetensors), by parameter name."""
+    """The tensors of a save_pretrained folder, read one at a time (safetensors), by parameter name;
+    with `model` sharded, this rank's part of each (ilu.local_part)."""
 
-    def __init__(self, folder: str | Path, names):
+    def __init__(self, folder: str | Path, names, model=None):
         from safetensors import safe_open
+
+        self._model = model if model is not None and ilu.is_sharded(model) else None
 
         files = sorted(Path(folder).glob("*.safetensors"))
         if not files:
@@ -393,7 +452,8 @@ class SavedState(dict):
         from safetensors import safe_open
 
         with safe_open(str(self._where[name]), "pt") as h:
-            return h.get_tensor(name)
+            t = h.get_tensor(name)
+        return t if self._model is None else ilu.local_part(self._model, name, t)
 
 
 # -- data ----------------------------------------------------------------------------------------

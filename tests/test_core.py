@@ -169,13 +169,14 @@ def test_rmu_step_changes_exactly_the_trained_down_projections(monkeypatch):
     model = tiny_llama(layers=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     seen = []
-    real = ilu.rmu_loss
+    real = ilu.masked_mse
 
-    def spy(*args, **kwargs):
-        seen.append(args[3].clone())                       # the control vector c*u
-        return real(*args, **kwargs)
+    def spy(h, target, *args, **kwargs):
+        if target.dim() == 1:
+            seen.append(target.clone())                    # the control vector c*u (the forget term's target)
+        return real(h, target, *args, **kwargs)
 
-    monkeypatch.setattr(ilu, "rmu_loss", spy)
+    monkeypatch.setattr(ilu, "masked_mse", spy)
     ilu.unlearn(model, token_texts(6, 3, 50, 8, 0), token_texts(6, 50, 97, 8, 1), "rmu", steps=3,
                 batch_size=2, grad_accum=2, lr=1e-2, rmu_layer=2, rmu_coeff=5.0, rmu_alpha=10.0,
                 progress=False, log=lambda s: None)
