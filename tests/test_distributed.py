@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -83,30 +84,51 @@ def floats(a, b, path=""):
         assert a == b, path
 
 
-MICRO = ["--tiny", "--tiny-questions", "8", "--tiny-steps", "8", "--tiny-hidden", "32", "--tiny-layers", "2",
-         "--tiny-general", "40", "--steps", "2", "--finetune-steps", "3", "--finetune-on", "sst2", "mnli",
-         "--fa-limit", "8", "--env-batch-size", "4", "--curve-points", "2", "--relearn", "--tv-task", "sst2",
-         "--method", "npo", "--ilu-env", "gsm8k"]
+MICRO = {
+    "run_wmdp.py": ["--tiny", "--tiny-questions", "8", "--tiny-steps", "8", "--tiny-hidden", "32", "--tiny-layers", "2",
+                    "--tiny-general", "40", "--steps", "2", "--finetune-steps", "3", "--finetune-on", "sst2", "mnli",
+                    "--fa-limit", "8", "--env-batch-size", "4", "--curve-points", "2", "--relearn", "--tv-task", "sst2",
+                    "--method", "npo", "--ilu-env", "gsm8k"],
+    "run_muse.py": ["--tiny", "--tiny-passages", "4", "--tiny-steps", "6", "--tiny-hidden", "32", "--tiny-layers", "2",
+                    "--tiny-general", "20", "--steps", "2", "--finetune-steps", "2", "--finetune-on", "mnli",
+                    "--fa-limit", "4", "--env-batch-size", "4", "--verbmem-tokens", "8", "--knowmem-tokens", "4"],
+}
+
+
+def compare(one: Path, two: Path) -> tuple[str, float]:
+    a = json.loads((one / "results.json").read_text())["stages"]
+    b = json.loads((two / "results.json").read_text())["stages"]
+    diffs = list(floats(a, b))
+    assert len(diffs) > 30
+    return max(diffs, key=lambda d: d[1])
 
 
 @needs_data
-def test_run_wmdp_under_torchrun_matches_one_process(tmp_path):
-    common = [*MICRO, "--data-dir", DATA, "--cache-dir", str(tmp_path / "cache")]
-    one = subprocess.run([sys.executable, "run_wmdp.py", *common, "--out", str(tmp_path / "one")], cwd=ROOT,
+@pytest.mark.parametrize("script", ["run_wmdp.py", "run_muse.py"])
+def test_runner_under_torchrun_matches_one_process(script, tmp_path):
+    common = [*MICRO[script], "--data-dir", DATA, "--cache-dir", str(tmp_path / "cache")]
+    one = subprocess.run([sys.executable, script, *common, "--out", str(tmp_path / "one")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=ENV)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([*TORCHRUN, "run_wmdp.py", *common, "--out", str(tmp_path / "two")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, env=ENV)
+    two_cmd = [*TORCHRUN, script, *common, "--out", str(tmp_path / "two")]
+    two = subprocess.run(two_cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("config: ") == 1 and "torchrun: 2 processes, gloo" in two.stdout   # rank 0 speaks
-    a = json.loads((tmp_path / "one" / "results.json").read_text())["stages"]
-    b = json.loads((tmp_path / "two" / "results.json").read_text())["stages"]
-    diffs = list(floats(a, b))
-    assert len(diffs) > 50
-    worst = max(diffs, key=lambda d: d[1])
+    worst = compare(tmp_path / "one", tmp_path / "two")
     assert worst[1] <= ATOL, worst
     assert (tmp_path / "two" / "unlearned" / "model.safetensors").exists()
+    if script == "run_muse.py":
+        return
     assert (tmp_path / "two" / "results.md").read_text().count("| NPO + ILU(GSM8K) |") == 1
+    # resume under torchrun: a lost stage runs again from the saved unlearned model, read into the shards
+    path = tmp_path / "two" / "results.json"
+    res = json.loads(path.read_text())
+    res["stages"].pop("unlearned/finetune/mnli")
+    path.write_text(json.dumps(res))
+    again = subprocess.run(two_cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "8 finished stages" in again.stdout and "unlearned/finetune/mnli: RA" in again.stdout
+    assert compare(tmp_path / "one", tmp_path / "two")[1] <= ATOL
 
 
 @pytest.mark.parametrize("args, message", [
