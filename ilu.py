@@ -1084,6 +1084,7 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
             env_grad_batch: int | None = None, lr: float = 1e-5, warmup: float = 0.1, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, beta: float = 0.1, gamma: float = 1.0,
             rmu_layer: int = 7, rmu_coeff: float = 6.5, rmu_alpha: float = 1200.0,
+            stop_forget_nll: float | None = None,
             seed: int = 0, progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
     """Unlearn `forget` while keeping `retain`, optionally with the ILU penalty over `envs`.
 
@@ -1101,8 +1102,11 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
     env_micro_batch rows when memory is short. With env_grad_batch (the split estimator),
     that batch only runs forward to give g, and the penalty's gradient comes from a further
     env_grad_batch examples (see _irm_backward): cheaper, and unbiased. steps defaults to one pass over `forget`.
-    The model's parameters are updated in place. Returns one dict per step with the
-    logged values: step, forget, retain, irm, lr, ms.
+    stop_forget_nll (NPO, GradDiff): end early, after the first step whose forget batch had a
+    mean answer-token NLL (nats, measured in that step's forward) of at least this value, so
+    that targets which unlearn faster or slower end equally unlearned (the lr schedule stays
+    that of `steps`). The model's parameters are updated in place. Returns one dict per step
+    with the logged values: step, forget, retain, irm, lr, ms, and forget_nll (NPO, GradDiff).
     """
     if method not in METHODS:
         raise ILUError(f"unknown unlearning method '{method}': choose one of {', '.join(METHODS)}")
@@ -1110,6 +1114,9 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
         raise ILUError(f"lam must be >= 0 (got {lam}): it weighs the invariance penalty")
     if env_grad_batch is not None and env_grad_batch < 1:
         raise ILUError(f"env_grad_batch must be >= 1 (got {env_grad_batch}), or None for the full estimator")
+    if stop_forget_nll is not None and method == "rmu":
+        raise ILUError("stop_forget_nll needs the forget set's token NLL, which RMU does not compute: "
+                       "use it with npo or graddiff")
     if len(forget) == 0:
         raise ILUError("the forget set is empty: give at least one forget example")
     if len(retain) == 0:
@@ -1157,7 +1164,7 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
         for step in bar:
             t0 = time.perf_counter()
             _reshard(model)
-            f_sum = r_sum = 0.0
+            f_sum = r_sum = nll_sum = nll_tokens = 0.0
             draws = [(f_sampler.take(batch_size), r_sampler.take(batch_size)) for _ in range(grad_accum)]
             for m, rows in pieces:                         # all micro-batches; sharded: this rank's part
                 f_idx, r_idx = draws[m]
@@ -1180,11 +1187,16 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
                     r_share = _answer_tokens(rb["labels"][rows]) / max(_answer_tokens(rb["labels"]), 1)
                     fb, rb = _rows(fb, rows), _rows(rb, rows)
                     f_logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
+                    tokens = _answer_tokens(fb["labels"])
                     if method == "npo":
-                        f_term = npo_loss(sequence_logprob(f_logits, fb["labels"]),
-                                          ref[torch.tensor(f_idx[rows], device=device)], beta) * f_share
+                        logp = sequence_logprob(f_logits, fb["labels"])
+                        f_term = npo_loss(logp, ref[torch.tensor(f_idx[rows], device=device)], beta) * f_share
+                        nll_sum -= float(logp.detach().sum())
                     else:
-                        f_term = -token_nll(f_logits, fb["labels"]) * f_share   # gradient ascent
+                        nll = token_nll(f_logits, fb["labels"])
+                        f_term = -nll * f_share                          # gradient ascent
+                        nll_sum += float(nll.detach()) * tokens
+                    nll_tokens += tokens
                     del f_logits
                     r_logits = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
                     r_term = token_nll(r_logits, rb["labels"]) * r_share
@@ -1193,7 +1205,7 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
                 (loss / grad_accum).backward()
                 f_sum += f_term.item() / grad_accum
                 r_sum += r_term.item() / grad_accum
-            f_sum, r_sum = _sum_over_ranks(model, f_sum, r_sum)
+            f_sum, r_sum, nll_sum, nll_tokens = _sum_over_ranks(model, f_sum, r_sum, nll_sum, nll_tokens)
             irm = 0.0
             for name, data in envs.items():                            # ILU: lam * sum_e g_e^2
                 eb = collate([data[i] for i in e_samplers[name].take(env_batch_size)], device)
@@ -1212,8 +1224,13 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
             opt.zero_grad(set_to_none=True)
             ms = 1000 * (time.perf_counter() - t0)
             history.append(dict(step=step + 1, forget=f_sum, retain=r_sum, irm=irm, lr=cur_lr, ms=ms))
+            if nll_tokens:
+                history[-1]["forget_nll"] = nll_sum / nll_tokens
             log(f"step {step + 1:>{len(str(steps))}}/{steps} | forget {f_sum:8.4f} | retain {r_sum:8.4f} "
                 f"| irm {irm:.3e} | lr {cur_lr:.1e} | {ms:5.0f} ms")
+            if stop_forget_nll is not None and nll_tokens and nll_sum / nll_tokens >= stop_forget_nll:
+                log(f"stop: the forget batch's NLL {nll_sum / nll_tokens:.3f} nats/token reached {stop_forget_nll}")
+                break
     finally:
         _reshard(model)
         for n, p in model.named_parameters():

@@ -107,6 +107,8 @@ class CommonConfig:
     rmu_layer: int = h("RMU layer (Zephyr-7B: 7; trains layers l-2..l)", default=7)
     rmu_coeff: float = h("RMU steering coefficient c (Zephyr-7B: 6.5)", default=6.5)
     rmu_alpha: float = h("RMU retain weight alpha (Zephyr-7B: 1200)", default=1200.0)
+    stop_forget_nll: float = h("NPO/GradDiff: end unlearning after the first step whose forget batch has a mean "
+                               "answer-token NLL of at least this many nats; 0: run all --steps", default=0.0)
     # fine-tuning attack
     finetune_on: list = h("downstream fine-tuning sets", default_factory=lambda: list(TASK_NAMES))
     finetune_steps: int = h("fine-tuning steps per task (follow-up paper: 250)", default=250)
@@ -146,6 +148,8 @@ def resolve(cfg, explicit: set, tiny_defaults: dict, positive=()):
             fail(f"unknown fine-tuning set '{t}': choose among {', '.join(TASK_NAMES)}")
     if cfg.lam < 0:
         fail(f"--lam must be >= 0 (got {cfg.lam})")
+    if cfg.stop_forget_nll and cfg.method == "rmu":
+        fail("--stop-forget-nll needs the forget set's token NLL, which RMU does not compute: use it with npo or graddiff")
     if cfg.env_grad_batch < 0:
         fail(f"--env-grad-batch must be >= 0 (got {cfg.env_grad_batch}; 0: the full estimator)")
     for name in ("steps", "finetune_steps", "finetune_batch", "env_batch_size", *positive):
@@ -238,7 +242,8 @@ def unlearn_args(cfg) -> dict:
                 grad_accum=cfg.grad_accum, env_batch_size=cfg.env_batch_size,
                 env_micro_batch=cfg.env_micro_batch or None, env_grad_batch=cfg.env_grad_batch or None,
                 lr=cfg.lr, beta=cfg.beta, gamma=cfg.gamma, rmu_layer=cfg.rmu_layer, rmu_coeff=cfg.rmu_coeff,
-                rmu_alpha=cfg.rmu_alpha, max_grad_norm=None if cfg.method == "rmu" else 1.0, seed=cfg.seed)
+                rmu_alpha=cfg.rmu_alpha, max_grad_norm=None if cfg.method == "rmu" else 1.0,
+                stop_forget_nll=cfg.stop_forget_nll or None, seed=cfg.seed)
 
 
 def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path):

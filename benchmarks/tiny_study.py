@@ -75,7 +75,8 @@ RECIPES = {
     "fluent-low-retain": Recipe("wmdp", "the fluent target, γ 0.1", [NPO], target=FLUENT, unlearn=dict(gamma=0.1)),
     "prose": Recipe("wmdp", "the fluent target; unlearn each answer's prose sentence, keep the MMLU questions, "
                     "test the questions", [NPO], target=FLUENT, forget="prose"),
-    "muse": Recipe("muse", "the runners' --tiny recipe", [NPO, ("npo", 1, 0)]),
+    "muse": Recipe("muse", "the runners' --tiny recipe of its time, with retain weight γ 0.3 (--tiny's is now 1)",
+                   [NPO, ("npo", 1, 0)], unlearn=dict(gamma=0.3)),
 }
 
 

@@ -342,7 +342,32 @@ def test_unlearn_bf16_with_checkpointing_runs_every_method():
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("method", ["npo", "graddiff"])
+def test_forget_nll_is_logged_and_stops_unlearning(method):
+    forget, retain = token_texts(6, 3, 50, 9, 20), token_texts(6, 50, 97, 9, 21)
+    model = tiny_llama(layers=2)
+    with torch.no_grad():                      # oracle: every forget example's answer-token NLL, one at a time
+        total = count = 0.0
+        for e in forget:
+            ids = torch.tensor([e["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            count += len(e["input_ids"]) - 1
+    start = total / count
+    args = dict(batch_size=6, grad_accum=1, lr=5e-3, progress=False, log=lambda s: None)  # one batch = the forget set
+    hist = ilu.unlearn(copy.deepcopy(model), forget, retain, method, steps=6, stop_forget_nll=1e9, **args)
+    assert len(hist) == 6                      # never reached: every step runs
+    assert hist[0]["forget_nll"] == pytest.approx(start, rel=1e-5)
+    assert hist[-1]["forget_nll"] > start      # unlearning raises it
+    mid = (hist[0]["forget_nll"] + hist[-1]["forget_nll"]) / 2
+    stopped = ilu.unlearn(copy.deepcopy(model), forget, retain, method, steps=6, stop_forget_nll=mid, **args)
+    first = next(i for i, h in enumerate(hist) if h["forget_nll"] >= mid)
+    assert len(stopped) == first + 1           # ends after the first step that reached it
+    assert [h["forget_nll"] for h in stopped] == pytest.approx([h["forget_nll"] for h in hist[:first + 1]])
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(method="rmu", stop_forget_nll=3.0), "stop_forget_nll needs the forget set's token NLL"),
     (dict(method="dpo"), "unknown unlearning method 'dpo'"),
     (dict(lam=-1.0), "lam must be >= 0"),
     (dict(forget=[]), "the forget set is empty"),
