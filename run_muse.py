@@ -27,7 +27,7 @@ import runlib
 from runlib import fail, h
 
 MUSE_TARGETS = {"news": "muse-bench/MUSE-news_target", "books": "muse-bench/MUSE-books_target"}
-TINY = dict(  # --tiny: sizes for 2 CPU cores (about 4 minutes with the target's training; see README)
+TINY = dict(  # --tiny: sizes for 2 CPU cores (about 5 minutes with the target's training; see README)
     # NPO: the paper's retain weight gamma = 1. Over seeds 0-2 (each its own target) gamma 0.3 gave VerbMem
     # 9.8-13.2 but kept 83-102% of retain KnowMem; gamma 1 gives 10.8-12.8 and keeps 98-103% (README).
     npo=dict(lr=5e-3), graddiff=dict(lr=5e-4), rmu=dict(lr=5e-3, rmu_layer=2, rmu_coeff=100.0, rmu_alpha=100.0),

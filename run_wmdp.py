@@ -25,7 +25,7 @@ from pathlib import Path
 import runlib
 from runlib import h
 
-TINY = dict(  # --tiny: sizes for 2 CPU cores (the whole run in about 5 minutes; see README)
+TINY = dict(  # --tiny: sizes for 2 CPU cores (about 3 minutes with the target's training; see README)
     npo=dict(lr=5e-4), graddiff=dict(lr=5e-4), rmu=dict(lr=5e-3, rmu_layer=2, rmu_coeff=100.0, rmu_alpha=100.0),
     common=dict(steps=60, batch_size=8, grad_accum=1, max_length=256, env_batch_size=16, finetune_steps=40,
                 finetune_batch=8, finetune_lr=1e-4, fa_limit=200, relearn_lr=1e-4))

@@ -56,6 +56,8 @@ def run_main(main: Callable[[], None]):
     """Run a runner's main; bad input of any kind (ilu.ILUError) becomes one line and exit 2."""
     try:
         main()
+        if sharded():        # under torchrun: no rank leaves while rank 0 still writes its report
+            torch.distributed.barrier()
     except ilu.ILUError as e:
         fail(str(e))
     except KeyboardInterrupt:

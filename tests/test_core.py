@@ -315,7 +315,7 @@ def test_unlearn_npo_ilu_forgets_keeps_retain_lowers_penalty_and_is_deterministi
     assert end["irm"] < start["irm"]
     _, end_plain, _ = _npo_ilu_run(lam=0.0)          # without the penalty it does not fall
     assert end["irm"] < 0.1 * end_plain["irm"]
-    assert len(hist) == 12 and set(hist[0]) == {"step", "forget", "retain", "irm", "lr", "ms"}
+    assert len(hist) == 12 and set(hist[0]) == {"step", "forget", "retain", "irm", "lr", "ms", "forget_nll"}
     _, _, again = _npo_ilu_run()
     strip = [{k: v for k, v in h.items() if k != "ms"} for h in hist]
     assert strip == [{k: v for k, v in h.items() if k != "ms"} for h in again]
