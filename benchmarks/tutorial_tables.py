@@ -15,7 +15,16 @@ split by seed), so the spread is over targets as well as over unlearning and fin
 kind of difference another CPU's floating-point kernels make. A run whose results.json is
 complete is not run again; its wall time is kept in OUT/times.json. The default cache is
 OUT/cache, empty at first, so the first run of each seed includes the target's training.
-Writes OUT/tables.md and prints it.
+Writes OUT/tables.md and prints it, with the machine the runs were made on.
+
+A rerun elsewhere is checked figure by figure against the README's tables (saved per seed in
+benchmarks/tutorial_reference.json by --save-reference):
+
+    python benchmarks/tutorial_tables.py --data-dir ../shared/data --seeds 0 --out runs/rerun \
+        --check benchmarks/tutorial_reference.json
+
+Each figure is 'in range' (within the reference seeds' min–max), 'within 2 std' of their mean,
+or 'OUTSIDE'; the command exits 1 if any is outside.
 """
 from __future__ import annotations
 
@@ -61,9 +70,24 @@ def run(name: str, seed: int, args, times: dict, times_path: Path):
     if r.returncode != 0:
         sys.exit(f"error: {key} failed (exit {r.returncode}); its output is in {out / 'log.txt'}")
     trained = re.search(r"tiny target: .* trained in (\d+) s", r.stdout)
-    times[key] = dict(wall_s=round(wall, 1), target_s=int(trained.group(1)) if trained else 0)
+    times[key] = dict(wall_s=round(wall, 1), target_s=int(trained.group(1)) if trained else 0, machine=machine())
     times_path.write_text(json.dumps(times, indent=1))
     print(f"{key}: {wall:.0f} s", flush=True)
+
+
+def machine() -> str:
+    """The CPU, the vector instructions torch uses on it, torch's version and threads: what a wall time and the
+    last bits of a trained model depend on."""
+    import os
+    import platform
+
+    import torch
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return (f"{cpu}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def stat(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -79,36 +103,90 @@ def load(out: Path, name: str, seeds) -> list[dict]:
     return [json.loads((out / name / f"seed{s}" / "results.json").read_text()) for s in seeds]
 
 
-def wmdp_table(out: Path, seeds) -> str:
-    npo, rmu = load(out, "wmdp-npo-ilu", seeds), load(out, "wmdp-rmu", seeds)
-    rows = [("Original", [r["summary"]["original"] for r in npo]),
-            ("NPO + ILU(GSM8K)", [r["summary"]["unlearned"] for r in npo]),
-            ("RMU", [r["summary"]["unlearned"] for r in rmu])]
-    lines = ["| method | FQ | MMLU | Avg RA | Avg FA |", "|---|---|---|---|---|"]
-    for label, s in rows:
-        lines.append(f"| {label} | {stat([x['fq'] for x in s])} | {stat([x['mmlu'] for x in s], 100, 1)} | "
-                     f"{stat([x['avg_ra'] for x in s])} | {stat([x['avg_fa'] for x in s], 100, 1)} |")
-    return "\n".join(lines)
+WMDP_ROWS = [("Original", "wmdp-npo-ilu", "original"), ("NPO + ILU(GSM8K)", "wmdp-npo-ilu", "unlearned"),
+             ("RMU", "wmdp-rmu", "unlearned")]
+WMDP_COLUMNS = [("fq", "FQ", 1, 2), ("mmlu", "MMLU", 100, 1), ("avg_ra", "Avg RA", 1, 2), ("avg_fa", "Avg FA", 100, 1)]
 
 
-def muse_table(out: Path, seeds) -> str:
-    runs = load(out, "muse-npo-ilu", seeds)
+def muse_stages():
     stages = [("Original", "original"), ("NPO + ILU(GSM8K)", "unlearned")]
     for t in MUSE_TASKS:
         stages += [(f"Original, fine-tuned on {t}", f"original/finetune/{t}"),
                    (f"NPO + ILU(GSM8K), fine-tuned on {t}", f"unlearned/finetune/{t}")]
-    lines = ["| model | " + " | ".join(h for _, h in MUSE_COLUMNS) + " |", "|---" * (len(MUSE_COLUMNS) + 1) + "|"]
-    for label, stage in stages:
-        if not all(stage in r["stages"] for r in runs):
+    return stages
+
+
+def figures(out: Path, seeds) -> dict[str, list]:
+    """Every figure the tables quote, as displayed (FA and MMLU in %), keyed 'table | row | column', one value
+    per seed. The tables are rendered from it, and a rerun is checked against a saved copy of it (--check)."""
+    fig = {}
+    have = {n for n in RUNS if all(complete(out / n / f"seed{s}") for s in seeds)}
+    runs = {n: load(out, n, seeds) for n in ("wmdp-npo-ilu", "wmdp-rmu") if n in have}
+    for label, name, stage in WMDP_ROWS:
+        for key, head, scale, _ in WMDP_COLUMNS:
+            if name in runs:
+                fig[f"WMDP | {label} | {head}"] = [r["summary"][stage][key] * scale for r in runs[name]]
+    if "muse-npo-ilu" in have:
+        runs = load(out, "muse-npo-ilu", seeds)
+        for label, stage in muse_stages():
+            if all(stage in r["stages"] for r in runs):
+                for key, head in MUSE_COLUMNS:
+                    v = [r["stages"][stage].get(key) for r in runs]
+                    fig[f"MUSE | {label} | {head}"] = [None if x is None else x * (100 if key == "fa" else 1) for x in v]
+        for label, stage in (("target", "original"), ("after NPO + ILU", "unlearned")):
+            fig[f"MUSE | {label} | VerbMem unseen"] = [r["stages"][stage]["verbmem_unseen"] for r in runs]
+        fig["MUSE | NPO + ILU(GSM8K) | KnowMem retain share %"] = [
+            100 * r["stages"]["unlearned"]["knowmem_retain"] / r["stages"]["original"]["knowmem_retain"] for r in runs]
+    return fig
+
+
+def wmdp_table(fig: dict) -> str:
+    lines = ["| method | " + " | ".join(h for _, h, _, _ in WMDP_COLUMNS) + " |", "|---" * 5 + "|"]
+    for label, _, _ in WMDP_ROWS:
+        if f"WMDP | {label} | FQ" not in fig:
             continue
-        cells = [stat([r["stages"][stage].get(k) for r in runs], 100 if k == "fa" else 1, 1)
-                 for k, _ in MUSE_COLUMNS]
+        cells = [stat(fig[f"WMDP | {label} | {h}"], 1, d) for _, h, _, d in WMDP_COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    unseen = {who: stat([r["stages"][who]["verbmem_unseen"] for r in runs], 1, 1) for who in ("original", "unlearned")}
-    share = [r["stages"]["unlearned"]["knowmem_retain"] / r["stages"]["original"]["knowmem_retain"] for r in runs]
-    return ("\n".join(lines) + f"\n\nVerbMem on the 32 passages never trained (the floor): target {unseen['original']}, "
-            f"after NPO + ILU {unseen['unlearned']}. KnowMem retain after NPO + ILU as a share of the target's: "
-            f"{stat(share, 100, 0)} %.")
+    return "\n".join(lines)
+
+
+def muse_table(fig: dict) -> str:
+    lines = ["| model | " + " | ".join(h for _, h in MUSE_COLUMNS) + " |", "|---" * (len(MUSE_COLUMNS) + 1) + "|"]
+    for label, _ in muse_stages():
+        if f"MUSE | {label} | {MUSE_COLUMNS[0][1]}" in fig:
+            lines.append(f"| {label} | " + " | ".join(stat(fig[f"MUSE | {label} | {h}"], 1, 1)
+                                                      for _, h in MUSE_COLUMNS) + " |")
+    unseen = {w: stat(fig[f"MUSE | {w} | VerbMem unseen"], 1, 1) for w in ("target", "after NPO + ILU")}
+    share = stat(fig["MUSE | NPO + ILU(GSM8K) | KnowMem retain share %"], 1, 0)
+    return ("\n".join(lines) + f"\n\nVerbMem on the 32 passages never trained (the floor): target {unseen['target']}, "
+            f"after NPO + ILU {unseen['after NPO + ILU']}. KnowMem retain after NPO + ILU as a share of the target's: "
+            f"{share} %.")
+
+
+def check(fig: dict, reference: dict, seeds) -> tuple[str, int]:
+    """Each figure of a rerun against the reference's spread over its seeds: 'in range' (within its min–max),
+    'within 2 std' (of its mean), or 'OUTSIDE'. Returns the report and the number of figures outside."""
+    lines = ["| figure | seed | rerun | reference mean ± std (min–max) | verdict |", "|---|---|---|---|---|"]
+    counts = {"in range": 0, "within 2 std": 0, "OUTSIDE": 0}
+    missing = [k for k in reference["figures"] if k not in fig]
+    for key, ref in reference["figures"].items():
+        ref = [x for x in ref if x is not None]
+        if key not in fig or not ref:
+            continue
+        mean, sd = statistics.mean(ref), statistics.stdev(ref) if len(ref) > 1 else 0.0
+        eps = 1e-9 * max(1.0, abs(mean))                    # float noise in a recomputed share, not a tolerance
+        for seed, v in zip(seeds, fig[key]):
+            if v is None:
+                continue
+            verdict = ("in range" if min(ref) - eps <= v <= max(ref) + eps else
+                       "within 2 std" if abs(v - mean) <= 2 * sd + eps else "OUTSIDE")
+            counts[verdict] += 1
+            lines.append(f"| {key} | {seed} | {v:.2f} | {stat(ref)} | {verdict} |")
+    total = sum(counts.values())
+    lines.append(f"\n{total} figures checked against the reference's seeds {', '.join(map(str, reference['seeds']))}: "
+                 f"{counts['in range']} in range, {counts['within 2 std']} within 2 std, {counts['OUTSIDE']} outside."
+                 + (f" Not in this rerun: {len(missing)} (run all three runs to check them)." if missing else ""))
+    return "\n".join(lines), counts["OUTSIDE"]
 
 
 def times_table(times: dict, seeds) -> str:
@@ -128,9 +206,18 @@ def main():
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--report", action="store_true", help="only render the tables from the saved runs")
+    ap.add_argument("--check", default="", metavar="REFERENCE.json",
+                    help="compare every figure of these runs with a reference's spread over its seeds "
+                         "(e.g. benchmarks/tutorial_reference.json, the README's tables); exit 1 if one lands outside")
+    ap.add_argument("--save-reference", default="", metavar="FILE", help="write the figures, per seed, to FILE")
     args = ap.parse_args()
     if args.data_dir and not Path(args.data_dir).is_dir():
-        sys.exit(f"error: --data-dir {args.data_dir} does not exist")
+        print(f"error: --data-dir {args.data_dir} does not exist", file=sys.stderr)
+        sys.exit(2)
+    if args.check and not Path(args.check).is_file():
+        print(f"error: --check {args.check}: no such file (the README's reference is "
+              f"benchmarks/tutorial_reference.json)", file=sys.stderr)
+        sys.exit(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times_path = out / "times.json"
@@ -139,16 +226,30 @@ def main():
         for seed in args.seeds:
             for name in args.runs:
                 run(name, seed, args, times, times_path)
-    have = {n for n in RUNS if all(complete(out / n / f"seed{s}") for s in args.seeds)}
+    fig = figures(out, args.seeds)
     parts = [f"Seeds {', '.join(map(str, args.seeds))}; each cell mean ± std (min–max) over them."]
-    if {"wmdp-npo-ilu", "wmdp-rmu"} <= have:
-        parts += ["### WMDP tutorial", wmdp_table(out, args.seeds)]
-    if "muse-npo-ilu" in have:
-        parts += ["### MUSE tutorial", muse_table(out, args.seeds)]
+    if any(k.startswith("WMDP") for k in fig):
+        parts += ["### WMDP tutorial", wmdp_table(fig)]
+    if any(k.startswith("MUSE") for k in fig):
+        parts += ["### MUSE tutorial", muse_table(fig)]
     parts += ["### Wall times on this machine", times_table(times, args.seeds)]
+    machines = sorted({t["machine"] for k, t in times.items() if "machine" in t and int(k.split("seed")[-1]) in args.seeds})
+    if machines:
+        parts.append("Measured on: " + "; ".join(machines) + ".")
+    if args.check:
+        reference = json.loads(Path(args.check).read_text())
+        report, outside = check(fig, reference, args.seeds)
+        parts += [f"### This rerun against {args.check}", report]
     text = "\n\n".join(parts) + "\n"
     (out / "tables.md").write_text(text)
     print(text)
+    if args.save_reference:
+        rows = ",\n".join(f"  {json.dumps(k, ensure_ascii=False)}: {json.dumps(v)}" for k, v in fig.items())
+        Path(args.save_reference).write_text(f'{{"seeds": {json.dumps(args.seeds)}, "machines": {json.dumps(machines)},\n'
+                                             f' "figures": {{\n{rows}\n }}}}\n')
+        print(f"reference figures written to {args.save_reference}")
+    if args.check and outside:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
