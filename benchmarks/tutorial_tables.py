@@ -93,13 +93,18 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
+def mean_sd(v: list[float]) -> tuple[float, float]:
+    """Mean and sample std (n - 1) over the seeds; std 0 for one seed."""
+    return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+
+
 def stat(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    """'mean ± std (min–max)' of values × scale; std is the sample std over the seeds."""
+    """'mean ± std (min–max)' of values × scale."""
     v = [x * scale for x in values if x is not None]
     if not v:
         return "–"
-    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f})"
+    mean, sd = mean_sd(v)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f})"
 
 
 def load(out: Path, name: str, seeds) -> list[dict]:
@@ -124,11 +129,11 @@ def figures(out: Path, seeds) -> dict[str, list]:
     per seed. The tables are rendered from it, and a rerun is checked against a saved copy of it (--check)."""
     fig = {}
     have = {n for n in RUNS if all(complete(out / n / f"seed{s}") for s in seeds)}
-    runs = {n: load(out, n, seeds) for n in ("wmdp-npo-ilu", "wmdp-rmu") if n in have}
     for label, name, stage in WMDP_ROWS:
-        for key, head, scale, _ in WMDP_COLUMNS:
-            if name in runs:
-                fig[f"WMDP | {label} | {head}"] = [r["summary"][stage][key] * scale for r in runs[name]]
+        if name in have:
+            summaries = [r["summary"][stage] for r in load(out, name, seeds)]
+            for key, head, scale, _ in WMDP_COLUMNS:
+                fig[f"WMDP | {label} | {head}"] = [x[key] * scale for x in summaries]
     if "muse-npo-ilu" in have:
         runs = load(out, "muse-npo-ilu", seeds)
         for label, stage in muse_stages():
@@ -144,7 +149,7 @@ def figures(out: Path, seeds) -> dict[str, list]:
 
 
 def wmdp_table(fig: dict) -> str:
-    lines = ["| method | " + " | ".join(h for _, h, _, _ in WMDP_COLUMNS) + " |", "|---" * 5 + "|"]
+    lines = ["| method | " + " | ".join(h for _, h, _, _ in WMDP_COLUMNS) + " |", "|---" * (len(WMDP_COLUMNS) + 1) + "|"]
     for label, _, _ in WMDP_ROWS:
         if f"WMDP | {label} | FQ" not in fig:
             continue
@@ -199,7 +204,7 @@ def check(fig: dict, reference: dict, seeds) -> tuple[str, int]:
         ref = [x for x in ref if x is not None]
         if key not in fig or not ref:
             continue
-        mean, sd = statistics.mean(ref), statistics.stdev(ref) if len(ref) > 1 else 0.0
+        mean, sd = mean_sd(ref)
         eps = 1e-9 * max(1.0, abs(mean))                    # float noise in a recomputed share, not a tolerance
         half = prediction_halfwidth(sd, len(ref))
         for seed, v in zip(seeds, fig[key]):

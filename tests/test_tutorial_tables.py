@@ -19,6 +19,12 @@ def test_stat_is_mean_sample_std_and_range():
     assert tt.stat([None, None]) == "–"
 
 
+def muse_eval(s=0, **changes):
+    """One MUSE stage's metrics as run_muse writes them, for seed s."""
+    return dict(dict(verbmem=95.0 + s, knowmem_forget=39.0, knowmem_retain=40.0 + s, privleak=-100.0,
+                     verbmem_unseen=8.0), **changes)
+
+
 def write_run(folder, summary=None, stages=None):
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(dict(config={}, stages=stages or {}, summary=summary or {"x": 1})))
@@ -31,7 +37,7 @@ def test_report_renders_the_tables_from_saved_runs(tmp_path):
         write_run(tmp_path / "wmdp-npo-ilu" / f"seed{s}", dict(original=dict(fq=0.0, mmlu=1.0, avg_ra=0.0, avg_fa=0.3),
                                                                unlearned=row))
         write_run(tmp_path / "wmdp-rmu" / f"seed{s}", dict(unlearned=dict(row, mmlu=0.875)))
-        ev = dict(verbmem=95.0 + s, knowmem_forget=39.0, knowmem_retain=40.0 + s, privleak=-100.0, verbmem_unseen=8.0)
+        ev = muse_eval(s)
         write_run(tmp_path / "muse-npo-ilu" / f"seed{s}", stages=dict(original=ev, unlearned=dict(ev, verbmem=10.0 + s),
                                                                       **{"unlearned/finetune/sst2": dict(ev, fa=0.5)}))
     (tmp_path / "times.json").write_text(json.dumps({f"wmdp-npo-ilu/seed{s}": dict(wall_s=170 + s, target_s=80)
@@ -108,9 +114,8 @@ def test_check_sorts_each_figure_by_the_reference_spread():
 
 def test_check_and_save_reference_from_the_command_line(tmp_path):
     for s in range(3):
-        ev = dict(verbmem=95.0 + s, knowmem_forget=39.0, knowmem_retain=40.0 + s, privleak=-100.0, verbmem_unseen=8.0)
         write_run(tmp_path / "ref" / "muse-npo-ilu" / f"seed{s}",
-                  stages=dict(original=ev, unlearned=dict(ev, verbmem=10.0 + s)))
+                  stages=dict(original=muse_eval(s), unlearned=muse_eval(s, verbmem=10.0 + s)))
     ref = tmp_path / "reference.json"
     cmd = [sys.executable, "benchmarks/tutorial_tables.py", "--report"]
     r = subprocess.run(cmd + ["--out", str(tmp_path / "ref"), "--seeds", "0", "1", "2", "--save-reference", str(ref)],
@@ -126,9 +131,8 @@ def test_check_and_save_reference_from_the_command_line(tmp_path):
              (dict(verbmem=16.0, privleak=-99.0), 0, "OUTSIDE"),
              (dict(verbmem=16.0, privleak=-99.0, knowmem_forget=39.5), 1, "OUTSIDE")]
     for i, (unlearned, code, verdict) in enumerate(cases):
-        ev = dict(verbmem=95.0, knowmem_forget=39.0, knowmem_retain=40.0, privleak=-100.0, verbmem_unseen=8.0)
         rerun = tmp_path / f"rerun{i}"
-        write_run(rerun / "muse-npo-ilu" / "seed0", stages=dict(original=ev, unlearned=dict(ev, **unlearned)))
+        write_run(rerun / "muse-npo-ilu" / "seed0", stages=dict(original=muse_eval(), unlearned=muse_eval(**unlearned)))
         r = subprocess.run(cmd + ["--out", str(rerun), "--seeds", "0", "--check", str(ref)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == code, r.stdout + r.stderr
