@@ -604,32 +604,6 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "bfloat16", device:
     return model.to(device), tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, merges: bool = True,
-                    isolate_spaces: bool = False):
-    """A byte-level BPE tokenizer trained on `texts` (for tiny targets built from scratch).
-
-    Adds <s> in front of every encoding (as Llama's tokenizer does) and has </s> as EOS and
-    <pad> as pad token. merges=False keeps it at single bytes (every character one token).
-    isolate_spaces=True makes every space its own token, so a prompt ending in a space (as
-    MUSE's "Answer: ") tokenizes the same as the text it was cut from.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if isolate_spaces:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", "isolated"), tok.pre_tokenizer])
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<pad>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size if merges else 0, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(texts) if merges else [], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 def enable_checkpointing(model) -> None:
     """Recompute each decoder layer in backward instead of storing its activations."""
     kwargs = {"use_reentrant": False}
@@ -1304,32 +1278,6 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
             model.train()
     model.eval()
     return losses
-
-
-def tiny_target(texts: Sequence[str], vocab_size: int = 2048, hidden: int = 128, layers: int = 4,
-                heads: int = 4, max_length: int = 256, steps: int = 300, batch_size: int = 16,
-                lr: float = 3e-3, isolate_spaces: bool = False, seed: int = 0, progress: bool = True):
-    """A tutorial-scale target model trained from scratch on `texts` (CPU, minutes).
-
-    A byte-level BPE tokenizer trained on the texts, a small Llama (fp32, untied embeddings),
-    and `steps` steps of next-token training through `finetune` (10% warmup, linear decay).
-    It memorises what the texts state, which is what the tiny runs then unlearn.
-    Returns (model, tokenizer); save both with save_pretrained to cache them.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = train_tokenizer(texts, vocab_size, isolate_spaces=isolate_spaces)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3),
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=max_length, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    data = encode_texts(tokenizer, texts, max_length)
-    finetune(model, data, max_steps=steps, batch_size=batch_size, lr=lr, warmup=steps // 10, decay=True,
-             hook_each_epoch=False, seed=seed, progress=progress, desc="train tiny target")
-    return model.eval(), tokenizer
 
 
 # -----------------------------------------------------------------------------

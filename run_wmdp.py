@@ -104,7 +104,7 @@ def setup_tiny(cfg: Config, tasks: list[str]):
     general = []
     for t in tasks:
         train, _, _ = runlib.task_split(t, cfg.data_dir, None, None, cfg.seed)
-        general += [r["prompt"] + r["answer"] + ("</s>" if cfg.tiny_eos else "")   # </s>: ilu.train_tokenizer's EOS
+        general += [r["prompt"] + r["answer"] + ("</s>" if cfg.tiny_eos else "")   # </s>: runlib.train_tokenizer's EOS
                     for r in train[:cfg.tiny_general // max(len(tasks), 1)]]
     facts = [mc_text(q) for q in bio + mmlu] + ([prose(q) for q in bio + mmlu] if cfg.tiny_prose else [])
     texts = facts * cfg.tiny_repeat + general

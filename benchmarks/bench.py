@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ilu  # noqa: E402
+import runlib  # noqa: E402
 import memtrace  # noqa: E402
 
 SIZES = {
@@ -124,7 +125,7 @@ def questions(n, seed=0):
 
 def tokenizer_for(qs, vocab):
     texts = [ilu.mc_prompt(q["question"], q["choices"], "biology") + " " + "ABCD"[q["answer"]] for q in qs]
-    return ilu.train_tokenizer(texts * 4, vocab_size=min(vocab, 2048))
+    return runlib.train_tokenizer(texts * 4, vocab_size=min(vocab, 2048))
 
 
 # -- the rows --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 import ilu  # noqa: E402
+import runlib  # noqa: E402
 from conftest import model_for, tiny_llama, token_pairs, token_texts  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 
@@ -85,7 +86,7 @@ def finetune_check():
 def eval_check(tmp: Path):
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     texts = [" ".join(words[(i * 7 + j) % 12] for j in range(12)) for i in range(40)]
-    tok = ilu.train_tokenizer(texts, vocab_size=300)
+    tok = runlib.train_tokenizer(texts, vocab_size=300)
     whole, sharded = model_for(tok, layers=2, seed=1, init=0.5), model_for(tok, layers=2, seed=1, init=0.5)
     ilu.shard(sharded, "cpu")
     qs = [dict(question=" ".join(words[i % 12:i % 12 + 4]), choices=words[i % 8:i % 8 + 4], answer=i % 4,

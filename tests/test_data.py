@@ -5,6 +5,7 @@ import json
 import pytest
 
 import ilu
+import runlib
 from conftest import DATA, needs_data
 
 
@@ -170,7 +171,7 @@ def test_hub_failure_is_one_line(monkeypatch):
 @needs_data
 def test_muse_forget_corpus_windows_cover_every_token():
     docs = ilu.load_corpus("muse-news-forget", DATA)
-    tok = ilu.train_tokenizer(docs[:200], vocab_size=2048)
+    tok = runlib.train_tokenizer(docs[:200], vocab_size=2048)
     stream = tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
     L = 512
     before = ilu.encode_texts(tok, docs, max_length=L)             # one truncated example per document
@@ -192,13 +193,13 @@ def test_muse_forget_corpus_windows_cover_every_token():
 
 
 def test_windows_without_bos_and_short_corpus():
-    tok = ilu.train_tokenizer([], merges=False)                   # one token per byte
+    tok = runlib.train_tokenizer([], merges=False)                   # one token per byte
     tok.bos_token = None
     out = ilu.encode_windows(tok, ["abcdefg", "hi"], max_length=4)   # "abcdefg\n\nhi": 11 tokens
     assert [tok.decode(w["input_ids"]) for w in out] == ["abcd", "efg\n", "\nhia"]
     assert ilu.encode_windows(tok, [], max_length=4) == []
     with pytest.raises(ilu.ILUError, match="no room"):
-        ilu.encode_windows(ilu.train_tokenizer([], merges=False), ["abc"], max_length=1)
+        ilu.encode_windows(runlib.train_tokenizer([], merges=False), ["abc"], max_length=1)
 
 
 @needs_data
@@ -206,7 +207,7 @@ def test_privleak_scores_each_text_whole_up_to_the_window(monkeypatch):
     from conftest import model_for
 
     texts = ilu.load_muse("privleak", "forget", "news", DATA)[:6]
-    tok = ilu.train_tokenizer(texts, vocab_size=1024)
+    tok = runlib.train_tokenizer(texts, vocab_size=1024)
     model = model_for(tok)                                        # a 4,096-position window
     lengths = [len(tok(t)["input_ids"]) for t in texts]
     assert max(lengths) > 2048                                    # the old fixed cap would have cut these

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ilu
+import runlib
 from conftest import DATA, model_for, needs_data
 
 PROMPT = ("The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -47,8 +48,8 @@ def mc_questions():
 
 def tokenizers_for(questions):
     texts = [q["question"] + " " + " ".join(q["choices"]) for q in questions]
-    one = ilu.train_tokenizer(texts + [f"Answer: {x}" for x in "ABCD"] * 50, vocab_size=800)
-    two = ilu.train_tokenizer([], merges=False)
+    one = runlib.train_tokenizer(texts + [f"Answer: {x}" for x in "ABCD"] * 50, vocab_size=800)
+    two = runlib.train_tokenizer([], merges=False)
     assert len(one.encode(" A", add_special_tokens=False)) == 1      # " A" is one token
     assert len(two.encode(" A", add_special_tokens=False)) == 2      # " A" splits in two
     assert one.encode("x")[0] == one.bos_token_id                    # a BOS, as Llama's tokenizer adds
@@ -77,7 +78,7 @@ def test_mc_accuracy_matches_lm_eval_rule(kind, monkeypatch):
 
 
 def test_mc_accuracy_subject_defaults_to_each_question():
-    tok = ilu.train_tokenizer([], merges=False)
+    tok = runlib.train_tokenizer([], merges=False)
     model = model_for(tok, init=0.5)
     qs = [{"question": "Q1?", "choices": list("wxyz"), "answer": 1, "subject": "virology"},
           {"question": "Q2?", "choices": list("wxyz"), "answer": 2, "subject": "anatomy"}]
@@ -144,7 +145,7 @@ def test_context_window_follows_lm_eval():
 @needs_data
 def test_choice_scoring_and_min_k_cut_to_the_window():
     records = ilu.load_task("agnews", "test", DATA)[:6] + ilu.load_task("winogrande", "test", DATA)[:6]
-    tok = ilu.train_tokenizer([r["prompt"] + r["answer"] for r in records], vocab_size=500)
+    tok = runlib.train_tokenizer([r["prompt"] + r["answer"] for r in records], vocab_size=500)
     model = model_for(tok, init=0.3)
     model.config.max_position_embeddings = 32
     got = ilu.choice_logprobs(model, tok, records, batch_size=5, progress=False)
@@ -162,7 +163,7 @@ def test_choice_scoring_and_min_k_cut_to_the_window():
 @needs_data
 def test_batched_greedy_generation_equals_unbatched():
     texts = [t[:n] for t, n in zip(ilu.load_muse("privleak", "forget", "news", DATA)[:6], (40, 300, 90, 10, 200, 150))]
-    tok = ilu.train_tokenizer(texts, vocab_size=600)
+    tok = runlib.train_tokenizer(texts, vocab_size=600)
     model = model_for(tok, init=0.3)
     batched = ilu.generate(model, tok, texts, max_new_tokens=12, batch_size=4, progress=False)
     alone = [ilu.generate(model, tok, [t], max_new_tokens=12, batch_size=1, progress=False)[0] for t in texts]
@@ -213,7 +214,7 @@ def test_auc_and_privleak_hand_case(monkeypatch):
 
 
 def test_min_k_scores_match_hand_computation():
-    tok = ilu.train_tokenizer(["some text about cats and dogs", "more words here"], vocab_size=300)
+    tok = runlib.train_tokenizer(["some text about cats and dogs", "more words here"], vocab_size=300)
     model = model_for(tok, init=0.3)
     texts = ["cats and dogs and more", "words", "some text here about cats"]
     got = ilu.min_k_scores(model, tok, texts, k=0.4, batch_size=2, progress=False)
@@ -231,7 +232,7 @@ def test_verbmem_and_knowmem_on_real_muse_files(monkeypatch):
     verb = ilu.load_muse("verbmem", "forget", "news", DATA)[:4]
     qa = ilu.load_muse("knowmem", "forget_qa", "news", DATA)[:5]
     icl = ilu.load_muse("knowmem", "forget_qa_icl", "news", DATA)
-    tok = ilu.train_tokenizer([v["prompt"] + v["gt"] for v in verb] + [q["question"] for q in qa + icl], 800)
+    tok = runlib.train_tokenizer([v["prompt"] + v["gt"] for v in verb] + [q["question"] for q in qa + icl], 800)
     model = model_for(tok)
     v = ilu.verbmem(model, tok, verb, max_new_tokens=8, max_prompt_tokens=64, batch_size=2, progress=False)
     k = ilu.knowmem(model, tok, qa, icl, max_new_tokens=8, batch_size=2, progress=False)
@@ -279,7 +280,7 @@ def test_gsm8k_number_on_real_answers():
 def test_task_accuracy_matches_per_choice_scoring(monkeypatch):
     records = (ilu.load_task("sst2", "test", DATA)[:10] + ilu.load_task("winogrande", "test", DATA)[:10]
                + ilu.load_task("agnews", "test", DATA)[:10])
-    tok = ilu.train_tokenizer([r["prompt"] + r["answer"] for r in records], vocab_size=600)
+    tok = runlib.train_tokenizer([r["prompt"] + r["answer"] for r in records], vocab_size=600)
     model = model_for(tok, init=0.3)
     hits = 0
     for r in records:
