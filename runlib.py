@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,9 @@ class CommonConfig:
     tiny_steps: int = h("--tiny: target training steps (batch 16)", default=400)
     tiny_hidden: int = h("--tiny: hidden size of the tiny Llama", default=128)
     tiny_layers: int = h("--tiny: layers of the tiny Llama", default=4)
+    cpu_kernels: str = h("avx2: torch's and MKL's AVX2 kernels, so a CPU run gives the same numbers on every "
+                         "x86-64 machine with AVX2 and the same thread count; native: this CPU's fastest (README "
+                         "'Rerunning on other hardware')", default="avx2")
     dist_backend: str = h("under torchrun: the torch.distributed backend; empty: nccl with GPUs, gloo without",
                           default="")
     report: list = h("merge the results.json of these run folders (or folders holding them) into one table, in --out",
@@ -148,6 +152,8 @@ def resolve(cfg, explicit: set, tiny_defaults: dict, positive=()):
     for t in cfg.finetune_on:
         if t not in TASK_NAMES:
             fail(f"unknown fine-tuning set '{t}': choose among {', '.join(TASK_NAMES)}")
+    if cfg.cpu_kernels not in CPU_KERNELS:
+        fail(f"unknown --cpu-kernels '{cfg.cpu_kernels}': choose avx2 (the same numbers on any x86-64 machine) or native")
     if cfg.lam < 0:
         fail(f"--lam must be >= 0 (got {cfg.lam})")
     if cfg.stop_forget_nll and cfg.method == "rmu":
@@ -185,6 +191,30 @@ def check_world_size(cfg, world: int):
              f"{cfg.grad_accum} evenly: make one of them a multiple of {world}")
 
 
+CPU_KERNELS = ("avx2", "native")
+AVX2_KERNELS = {  # the environment that pins CPU arithmetic to AVX2 code paths
+    "ATEN_CPU_CAPABILITY": "avx2",   # torch's own vectorised kernels (elementwise, softmax, reductions, ...)
+    "MKL_CBWR": "AVX2",              # MKL's reproducible AVX2 branch: matrix products with fixed blocking
+    "ONEDNN_MAX_CPU_ISA": "AVX2",     # oneDNN, where torch uses it
+}
+
+
+def pin_cpu_kernels(kernels: str) -> str:
+    """Make CPU arithmetic the same on every x86-64 machine, and return the kernels torch uses.
+
+    Torch picks its vector kernels once per process from the CPU (AVX-512 where the CPU has it,
+    else AVX2), and MKL picks its matrix-product code from the CPU and its cache sizes. Both
+    change the order of floating-point sums, so the last bits of every result differ between
+    CPUs, and hundreds of training steps at a tiny model's learning rates make those bits a
+    different model. Asking both for their AVX2 code, which every x86-64 CPU of the last decade
+    runs, removes that (the thread count still matters: keep it the same). Works only before
+    the process's first CPU kernel, as here at the start of a run; "native" changes nothing.
+    """
+    if kernels == "avx2" and platform.machine().lower() in ("x86_64", "amd64"):
+        os.environ.update(AVX2_KERNELS)
+    return torch.backends.cpu.get_cpu_capability()
+
+
 DEVICE = None  # the device of this process: set by start_run (cuda:LOCAL_RANK under torchrun with GPUs)
 
 
@@ -192,6 +222,7 @@ def start_run(cfg, extra_free=()):
     """Join the torchrun group if there is one, print the config, check --out and open its results (resume).
     Under torchrun only rank 0 prints and writes."""
     global DEVICE
+    kernels = pin_cpu_kernels(cfg.cpu_kernels)
     DEVICE = ilu.init_distributed(cfg.dist_backend or None)
     if not ilu.is_main():
         sys.stdout = open(os.devnull, "w")
@@ -202,8 +233,14 @@ def start_run(cfg, extra_free=()):
     if torch.distributed.is_initialized():
         print(f"torchrun: {torch.distributed.get_world_size()} processes, {torch.distributed.get_backend()}, "
               f"the model sharded with FSDP2")
+    print(f"CPU kernels: {kernels}, {torch.get_num_threads()} threads")
+    if cfg.cpu_kernels == "avx2" and kernels != "AVX2":
+        print(f"note: --cpu-kernels avx2 could not apply here (torch uses {kernels}): the numbers of training "
+              f"runs will differ from the README's in their last digits (README 'Rerunning on other hardware')")
     free = {"out", "report", "eval_batch", "cache_dir", "dist_backend", *extra_free}
-    return Results(cfg.out, conf, [k for k in conf if k not in free])
+    results = Results(cfg.out, conf, [k for k in conf if k not in free])
+    results.data["cpu"] = dict(kernels=kernels, threads=torch.get_num_threads(), torch=torch.__version__)
+    return results
 
 
 def sharded() -> bool:
@@ -457,6 +494,7 @@ def cached_tiny_target(cache_dir: str, recipe: dict, texts: list[str], **kwargs)
     Under torchrun rank 0 trains it alone (the others wait), then every rank loads its shards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    recipe = dict(recipe, cpu_kernels=torch.backends.cpu.get_cpu_capability())  # other kernels: another target
     key = hashlib.sha256(json.dumps([recipe, texts], sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir).expanduser() / f"tiny-{recipe.get('name', 'target')}-{key}"
     cached = (path / "config.json").exists()

@@ -73,24 +73,24 @@ def run(name: str, seed: int, args, times: dict, times_path: Path):
     if r.returncode != 0:
         sys.exit(f"error: {key} failed (exit {r.returncode}); its output is in {out / 'log.txt'}")
     trained = re.search(r"tiny target: .* trained in (\d+) s", r.stdout)
-    times[key] = dict(wall_s=round(wall, 1), target_s=int(trained.group(1)) if trained else 0, machine=machine())
+    cpu = json.loads((out / "results.json").read_text()).get("cpu", {})
+    times[key] = dict(wall_s=round(wall, 1), target_s=int(trained.group(1)) if trained else 0, machine=machine(cpu))
     times_path.write_text(json.dumps(times, indent=1))
     print(f"{key}: {wall:.0f} s", flush=True)
 
 
-def machine() -> str:
-    """The CPU, the vector instructions torch uses on it, torch's version and threads: what a wall time and the
-    last bits of a trained model depend on."""
+def machine(cpu: dict) -> str:
+    """The CPU, the vector kernels and threads the run used (its results.json), torch's version: what a wall
+    time and the last bits of a trained model depend on."""
     import os
     import platform
 
-    import torch
-    cpu = platform.processor() or platform.machine()
+    name = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return (f"{cpu}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), name)
+    return (f"{name}, {os.cpu_count()} cores, {cpu.get('kernels', '?')} kernels, torch {cpu.get('torch', '?')}, "
+            f"{cpu.get('threads', '?')} threads")
 
 
 def mean_sd(v: list[float]) -> tuple[float, float]:

@@ -23,7 +23,7 @@ def test_micro_runs_results_table_and_merge(tmp_path):
                  *MICRO], tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "muse" / "npo-ilu" / "results.json").read_text())
-    assert set(res) == {"config", "stages", "summary"}
+    assert set(res) == {"config", "stages", "summary", "cpu"}
     st = res["stages"]
     assert set(st) == {"original", "original/finetune/mnli", "unlearn", "unlearned", "unlearned/finetune/mnli"}
     for name in ("original", "unlearned", "unlearned/finetune/mnli"):

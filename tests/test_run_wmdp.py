@@ -23,7 +23,10 @@ def test_micro_run_results_and_resume(tmp_path):
     first = run(args, tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"config", "stages", "summary"}
+    assert set(res) == {"config", "stages", "summary", "cpu"}
+    assert f"CPU kernels: {res['cpu']['kernels']}, {res['cpu']['threads']} threads" in first.stdout
+    if has_avx2():                 # --cpu-kernels avx2 is the default
+        assert res["cpu"]["kernels"] == "AVX2" and "could not apply" not in first.stdout
     assert res["config"]["method"] == "npo" and res["config"]["ilu_env"] == ["gsm8k"]
     st = res["stages"]
     want = {"original", "original/finetune/sst2", "original/finetune/mnli", "unlearn", "unlearned",
@@ -74,6 +77,7 @@ def test_micro_run_results_and_resume(tmp_path):
     (["--method", "dpo"], "unknown method 'dpo'"),
     (["--ilu-env", "imdb"], "unknown ILU environment 'imdb'"),
     (["--lam", "-1"], "--lam must be >= 0"),
+    (["--cpu-kernels", "avx9"], "unknown --cpu-kernels 'avx9'"),
     (["--env-grad-batch", "-2"], "--env-grad-batch must be >= 0"),
     (["--finetune-on", "cola"], "unknown fine-tuning set 'cola'"),
     (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data does not exist"),
@@ -109,3 +113,55 @@ def test_different_config_in_same_out_is_refused(tmp_path):
     (out / "results.json").write_text(json.dumps({"config": {"method": "rmu"}, "stages": {}, "summary": {}}))
     r = run(["--method", "npo", "--data-dir", DATA, "--out", str(out), *MICRO], tmp_path)
     assert r.returncode == 2 and "holds a run with different" in r.stderr
+
+
+# -- --cpu-kernels avx2: the same arithmetic on any x86-64 machine ---------------------------------
+
+FINGERPRINT = """
+import hashlib, sys, torch
+sys.path.insert(0, ".")
+if len(sys.argv) > 1:
+    import runlib
+    print(runlib.pin_cpu_kernels(sys.argv[1]))
+else:
+    print(torch.backends.cpu.get_cpu_capability())
+torch.manual_seed(0)
+x = torch.randn(512, 128, requires_grad=True)
+h = torch.nn.functional.silu(x @ (torch.randn(128, 344) * 0.05)) @ (torch.randn(344, 128) * 0.05)
+logits = torch.nn.functional.rms_norm(h, (128,)) @ torch.randn(128, 2048)
+loss = torch.nn.functional.cross_entropy(logits, torch.randint(0, 2048, (512,)))
+loss.backward()
+print(hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in (logits, loss, x.grad))).hexdigest())
+"""
+
+
+def fingerprint(args=(), env=None):
+    import os
+
+    r = subprocess.run([sys.executable, "-c", FINGERPRINT, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, **(env or {})})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.split()
+
+
+def has_avx2() -> bool:
+    import platform
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    return platform.machine() == "x86_64" and cpuinfo.exists() and " avx2" in cpuinfo.read_text()
+
+
+@pytest.mark.skipif(not has_avx2(), reason="needs an x86-64 CPU with AVX2")
+def test_pinned_kernels_match_torch_and_mkl_told_by_the_environment():
+    """The oracle: torch and MKL told to use AVX2 by environment variables set before the process
+    starts (their documented switches), against pin_cpu_kernels called after torch is imported."""
+    import runlib
+
+    told = fingerprint(env=runlib.AVX2_KERNELS)
+    pinned = fingerprint(["avx2"])
+    native = fingerprint(["native"])
+    assert told[0] == pinned[0] == "AVX2"
+    assert pinned[1] == told[1]
+    if native[0] != "AVX2":       # an AVX-512 CPU: the pin changes the arithmetic (so the match above is no accident)
+        assert native[1] != pinned[1]
