@@ -199,8 +199,10 @@ def check(fig: dict, reference: dict, seeds) -> tuple[str, int]:
     land outside than chance explains. Returns the report and how many figures are outside beyond that."""
     lines = ["| figure | seed | rerun | reference mean ± std (min–max) | 95% PI | verdict |", "|---" * 6 + "|"]
     counts = {"in range": 0, "in 95% PI": 0, "OUTSIDE": 0}
+    identical = 0        # figures equal to the reference's own run of the same seed: the same arithmetic
     missing = [k for k in reference["figures"] if k not in fig]
     for key, ref in reference["figures"].items():
+        own = dict(zip(reference["seeds"], ref))
         ref = [x for x in ref if x is not None]
         if key not in fig or not ref:
             continue
@@ -213,6 +215,7 @@ def check(fig: dict, reference: dict, seeds) -> tuple[str, int]:
             verdict = ("in range" if min(ref) - eps <= v <= max(ref) + eps else
                        "in 95% PI" if abs(v - mean) <= half + eps else "OUTSIDE")
             counts[verdict] += 1
+            identical += own.get(seed) is not None and abs(v - own[seed]) <= eps
             lines.append(f"| {key} | {seed} | {v:.2f} | {stat(ref)} | {mean - half:.2f}–{mean + half:.2f} | {verdict} |")
     total = sum(counts.values())
     bound = chance_bound(total)
@@ -220,6 +223,9 @@ def check(fig: dict, reference: dict, seeds) -> tuple[str, int]:
                  f"{counts['in range']} in range, {counts['in 95% PI']} in the 95% prediction interval, "
                  f"{counts['OUTSIDE']} outside (chance alone puts up to {bound} of {total} outside, 95% of the time): "
                  + ("PASS." if counts["OUTSIDE"] <= bound else "FAIL.")
+                 + (f" {identical} of {total} are identical to the reference's run of the same seed"
+                    + (" (this machine computed the same bits)." if identical == total else ".")
+                    if set(seeds) & set(reference["seeds"]) else "")
                  + (f" Not in this rerun: {len(missing)} (run all three runs to check them)." if missing else ""))
     return "\n".join(lines), max(0, counts["OUTSIDE"] - bound)
 

@@ -97,6 +97,10 @@ def test_check_sorts_each_figure_by_the_reference_spread():
     assert f"| A | 0 | 14.00 | 12.00 ± 2.00 (10.00–14.00) | {12 - half:.2f}–{12 + half:.2f} | in range |" in report
     assert "| B | 0 | 100.00 |" in report and "| C |" not in report
     assert "2 figures checked" in report and "Not in this rerun: 1" in report and "PASS" in report
+    assert "1 of 2 are identical to the reference's run of the same seed." in report        # seed 0's A is 10
+    assert ("2 of 2 are identical to the reference's run of the same seed (this machine computed the same bits)"
+            in tt.check({"A": [12.0], "B": [100.0]}, ref, [1])[0])                            # seed 1's A is 12
+    assert "identical" not in tt.check({"A": [10.0]}, ref, [7])[0]                         # no such seed in ref
     report, beyond = tt.check({"A": [12 + half - 0.01], "B": [99.99]}, ref, [0])
     assert report.count("| in 95% PI |") == 1 and report.count("| OUTSIDE |") == 1
     assert "| B | 0 | 99.99 | 100.00 ± 0.00 (100.00–100.00) | 100.00–100.00 | OUTSIDE |" in report
