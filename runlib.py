@@ -207,8 +207,8 @@ def pin_cpu_kernels(kernels: str) -> str:
     change the order of floating-point sums, so the last bits of every result differ between
     CPUs, and hundreds of training steps at a tiny model's learning rates make those bits a
     different model. Asking both for their AVX2 code, which every x86-64 CPU of the last decade
-    runs, removes that (the thread count still matters: keep it the same). Works only before
-    the process's first CPU kernel, as here at the start of a run; "native" changes nothing.
+    runs, removes that (MKL promises it for a fixed number of threads). Works only before the
+    process's first CPU kernel, as here at the start of a run; "native" changes nothing.
     """
     if kernels == "avx2" and platform.machine().lower() in ("x86_64", "amd64"):
         os.environ.update(AVX2_KERNELS)

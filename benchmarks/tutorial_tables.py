@@ -12,7 +12,8 @@ Runs the tutorial commands of the README, unchanged but for --seed, --out and --
 one after another (two torch jobs at once on 2 cores slow each other several-fold), each into
 OUT/<run>/seed<s>. The seed also changes the tiny target (the downstream texts it learns are
 split by seed), so the spread is over targets as well as over unlearning and fine-tuning: the
-kind of difference another CPU's floating-point kernels make. A run whose results.json is
+kind of difference another CPU's floating-point kernels make where the runners' default
+--cpu-kernels avx2 cannot apply (a CPU that is not x86-64, another torch version). A run whose results.json is
 complete is not run again; its wall time is kept in OUT/times.json. The default cache is
 OUT/cache, empty at first, so the first run of each seed includes the target's training.
 Writes OUT/tables.md and prints it, with the machine the runs were made on.
@@ -23,10 +24,11 @@ benchmarks/tutorial_reference.json by --save-reference):
     python benchmarks/tutorial_tables.py --data-dir ../shared/data --seeds 0 --out runs/rerun \
         --check benchmarks/tutorial_reference.json
 
-Each figure is 'in range' (within the reference seeds' min–max), 'in 95% PI' (the 95% prediction
-interval for one more seed, mean ± t(0.975, n-1)·std·sqrt(1 + 1/n)), or 'OUTSIDE'. About 5% of the
-figures land outside by chance alone; the command exits 1 when more do than chance explains (the
-binomial 95% bound: 7 of 73).
+With the runners' default --cpu-kernels avx2, an x86-64 CPU with AVX2 is expected to give the
+reference's seed-0 figures exactly; the check counts those. Each figure is also 'in range' (within
+the reference seeds' min–max), 'in 95% PI' (the 95% prediction interval for one more seed,
+mean ± t(0.975, n-1)·std·sqrt(1 + 1/n)), or 'OUTSIDE'. About 5% of the figures land outside by
+chance alone; the command exits 1 when more do than chance explains (the binomial 95% bound: 7 of 73).
 """
 from __future__ import annotations
 
