@@ -78,10 +78,8 @@ def cut_words(text: str, chars: int, end: bool = False) -> str:
 
 def load_eval(cfg: Config) -> dict:
     """The MUSE evaluation sets: verbmem, forget/retain QA with their in-context examples, privleak."""
-    import ilu
-
     def load(subset, split):
-        rows = ilu.load_muse(subset, split, cfg.corpus, cfg.data_dir)
+        rows = runlib.load_muse(subset, split, cfg.corpus, cfg.data_dir)
         return rows[:cfg.eval_limit] if cfg.eval_limit and not split.endswith("icl") else rows
 
     ev = dict(verbmem=load("verbmem", "forget"), forget_qa=load("knowmem", "forget_qa"),
@@ -99,14 +97,12 @@ def setup_tiny(cfg: Config, tasks: list[str]):
     tiny_gt_chars of their continuations, and as many forget QA pairs. Retain: as many
     retain excerpts (privleak/retain) and retain QA pairs. Holdout excerpts are never trained.
     """
-    import ilu
-
     n, ev = cfg.tiny_passages, load_eval(cfg)
     verb = [dict(prompt=cut_words(r["prompt"], cfg.tiny_prompt_chars, end=True),
                  gt=cut_words(r["gt"], cfg.tiny_gt_chars)) for r in ev["verbmem"][:n]]
     passages = [r["prompt"] + r["gt"] for r in verb]
     retain_text = [cut_words(t, cfg.tiny_prompt_chars + cfg.tiny_gt_chars)
-                   for t in ilu.load_muse("privleak", "retain", cfg.corpus, cfg.data_dir)[:n]]
+                   for t in runlib.load_muse("privleak", "retain", cfg.corpus, cfg.data_dir)[:n]]
     forget_qa, retain_qa = ev["forget_qa"][:n], ev["retain_qa"][:n]
     forget_qa_text, retain_qa_text = [qa_text(r) for r in forget_qa], [qa_text(r) for r in retain_qa]
     forget, retain = passages + forget_qa_text, retain_text + retain_qa_text
@@ -134,8 +130,8 @@ def setup_full(cfg: Config):
     model, tok = ilu.load_model(cfg.model or MUSE_TARGETS[cfg.corpus], device=runlib.DEVICE,
                                 gradient_checkpointing=True, sharded=runlib.sharded())
     ev = load_eval(cfg)
-    forget = ilu.load_corpus(f"muse-{cfg.corpus}-forget", cfg.data_dir)
-    retain = ilu.load_corpus(f"muse-{cfg.corpus}-retain", cfg.data_dir)
+    forget = runlib.load_corpus(f"muse-{cfg.corpus}-forget", cfg.data_dir)
+    retain = runlib.load_corpus(f"muse-{cfg.corpus}-retain", cfg.data_dir)
     return model, tok, ev, forget, retain
 
 

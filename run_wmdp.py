@@ -95,12 +95,10 @@ def setup_tiny(cfg: Config, tasks: list[str]):
     sentence to the target's text (the study's forget-on-prose recipe unlearns those);
     tiny_eos ends the task texts with EOS.
     """
-    import ilu
-
     n = cfg.tiny_questions
-    bio = short(ilu.load_questions("wmdp-bio", cfg.data_dir), n)
-    cyber = short(ilu.load_questions("wmdp-cyber", cfg.data_dir), n)           # never trained: chance level
-    mmlu = short(ilu.load_questions("mmlu", cfg.data_dir), n, seed=0)
+    bio = short(runlib.load_questions("wmdp-bio", cfg.data_dir), n)
+    cyber = short(runlib.load_questions("wmdp-cyber", cfg.data_dir), n)           # never trained: chance level
+    mmlu = short(runlib.load_questions("mmlu", cfg.data_dir), n, seed=0)
     general = []
     for t in tasks:
         train, _, _ = runlib.task_split(t, cfg.data_dir, None, None, cfg.seed)
@@ -126,12 +124,12 @@ def setup_full(cfg: Config):
     import ilu
 
     model, tok = ilu.load_model(cfg.model, device=runlib.DEVICE, gradient_checkpointing=True, sharded=runlib.sharded())
-    qs = {k: ilu.load_questions(name, cfg.data_dir) for k, name in
+    qs = {k: runlib.load_questions(name, cfg.data_dir) for k, name in
           (("bio", "wmdp-bio"), ("cyber", "wmdp-cyber"), ("mmlu", "mmlu"))}
     if cfg.eval_limit:
         qs = {k: v[:cfg.eval_limit] for k, v in qs.items()}
-    forget = [t for c in cfg.forget_corpora for t in ilu.load_corpus(c, cfg.data_dir) if len(t) > MIN_CHARS]
-    retain = [t for c in cfg.retain_corpora for t in ilu.load_corpus(c, cfg.data_dir) if len(t) > MIN_CHARS]
+    forget = [t for c in cfg.forget_corpora for t in runlib.load_corpus(c, cfg.data_dir) if len(t) > MIN_CHARS]
+    retain = [t for c in cfg.retain_corpora for t in runlib.load_corpus(c, cfg.data_dir) if len(t) > MIN_CHARS]
     return model, tok, qs, forget, retain
 
 

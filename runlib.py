@@ -1,9 +1,11 @@
 """What run_wmdp.py and run_muse.py share: the CLI made from a config dataclass, one-line
 errors with exit status 2, the results file (atomic writes, resume by stage), tiny-target
-caching, task splits, weight snapshots and Markdown tables. ilu.py holds the method itself."""
+caching, the data sets (hub or local copies) and task splits, weight snapshots and Markdown
+tables. ilu.py holds the method itself."""
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import hashlib
 import json
@@ -13,7 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -553,7 +555,284 @@ class SavedState(dict):
         return t if self._model is None else ilu.local_part(self._model, name, t)
 
 
-# -- data ----------------------------------------------------------------------------------------
+# -- data sets ---------------------------------------------------------------------------------
+#
+# From the hub by default, or from local copies in their published formats.
+# Every loader returns plain Python records (lists of dicts or strings). With data_dir,
+# files are read from this layout (that of ../shared/data; MUSE-Books as muse_books/):
+#   wmdp/{bio,cyber,chem}_questions.json         wmdp/{bio,cyber}-{forget,retain}-corpus.jsonl
+#   mmlu/{test,val,dev}/<subject>_<split>.csv     (no header: question,A,B,C,D,answer letter)
+#   muse_news/{raw,verbmem,knowmem,privleak}/<split>.json
+#   gsm8k/{train,test}.jsonl   ag_news/{train,test}.csv   sst2/stsa.binary.{train,dev}
+#   winogrande/{train_xl,dev}.jsonl   mnli/{train,dev_matched}.tsv   qqp/{train,dev}.tsv
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _hub(name: str, config: str | None, split: str):
+    try:
+        from datasets import load_dataset
+        return load_dataset(name, config, split=split)
+    except Exception as e:  # network, gated repo, unknown config: one line, then exit 2 in the runners
+        raise ilu.ILUError(f"cannot load {name} ({config or 'default'}, {split}) from the hub: {_first_line(e)}; "
+                           "offline, pass data_dir with local copies (README 'Data')") from None
+
+
+def _local(data_dir, candidates: Sequence[str], what: str) -> Path:
+    for c in candidates:
+        if (Path(data_dir) / c).is_file():
+            return Path(data_dir) / c
+    names = " or ".join(str(Path(data_dir) / c) for c in candidates)
+    raise ilu.ILUError(f"missing file {names}: expected {what}")
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ilu.ILUError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); expected {what}") from None
+
+
+def _read_jsonl(path: Path, what: str) -> list:
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ilu.ILUError(f"{path} line {i}: not valid JSON ({e.msg}); expected {what}") from None
+    return rows
+
+
+def _read_table(path: Path, what: str, columns: int | None = None, header: Sequence[str] = ()) -> list:
+    """CSV rows as lists (columns: exact count), or TSV rows as dicts with the header's names."""
+    with open(path, newline="", encoding="utf-8") as f:
+        if header:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+            if rows and not set(header) <= set(rows[0]):
+                raise ilu.ILUError(f"{path}: missing columns {sorted(set(header) - set(rows[0]))}; expected {what}")
+            return rows
+        rows = list(csv.reader(f))
+    for i, row in enumerate(rows, 1):
+        if len(row) != columns:
+            raise ilu.ILUError(f"{path} row {i}: {len(row)} fields, expected {columns} ({what})")
+    return rows
+
+
+def _require(rows: Sequence, keys: Sequence[str], where, what: str) -> list:
+    for i, r in enumerate(rows):
+        missing = [k for k in keys if not isinstance(r, Mapping) or k not in r]
+        if missing:
+            raise ilu.ILUError(f"{where} record {i}: missing {', '.join(missing)}; expected {what}")
+    return list(rows)
+
+
+WMDP = {"wmdp-bio": "biology", "wmdp-cyber": "cybersecurity", "wmdp-chem": "chemistry"}
+
+
+def load_questions(name: str, data_dir=None, split: str = "test") -> list[dict]:
+    """Multiple-choice questions: [{question, choices (4 str), answer (index), subject}].
+
+    name: "wmdp-bio", "wmdp-cyber", "wmdp-chem" (cais/wmdp), "mmlu" (all subjects; locally,
+    every subject file present) or "mmlu:<subject>", e.g. "mmlu:college_biology" (cais/mmlu).
+    subject is the text the prompt names: "biology", "cybersecurity", "college biology".
+    """
+    what = "multiple-choice questions with question, choices (4) and answer"
+    if name in WMDP:
+        if data_dir:
+            path = _local(data_dir, [f"wmdp/{name[5:]}_questions.json"], "a JSON list of " + what)
+            rows, where = _require(_read_json(path, what), ["question", "choices", "answer"], path, what), path
+        else:
+            rows, where = _hub("cais/wmdp", name, "test"), "cais/wmdp"
+        out = [dict(question=r["question"], choices=list(r["choices"]), answer=int(r["answer"]),
+                    subject=WMDP[name]) for r in rows]
+    elif name == "mmlu" or name.startswith("mmlu:"):
+        subject = name[5:]
+        if data_dir:
+            files = ([_local(data_dir, [f"mmlu/{split}/{subject}_{split}.csv"], "MMLU's header-less CSV")]
+                     if subject else sorted((Path(data_dir) / "mmlu" / split).glob(f"*_{split}.csv")))
+            if not files:
+                raise ilu.ILUError(f"no MMLU files {Path(data_dir) / 'mmlu' / split}/*_{split}.csv")
+            out, where = [], files[0].parent
+            for path in files:
+                for q, a, b, c, d, letter in _read_table(path, "question,A,B,C,D,answer letter", columns=6):
+                    if letter not in "ABCD" or len(letter) != 1:
+                        raise ilu.ILUError(f"{path}: answer '{letter}' is not one of A, B, C, D")
+                    out.append(dict(question=q, choices=[a, b, c, d], answer="ABCD".index(letter),
+                                    subject=path.name[:-len(f"_{split}.csv")].replace("_", " ")))
+        else:
+            rows, where = _hub("cais/mmlu", subject or "all", split), "cais/mmlu"
+            out = [dict(question=r["question"], choices=list(r["choices"]), answer=int(r["answer"]),
+                        subject=(subject or r["subject"]).replace("_", " ")) for r in rows]
+    else:
+        raise ilu.ILUError(f"unknown question set '{name}': use {', '.join(WMDP)}, mmlu or mmlu:<subject>")
+    for i, q in enumerate(out):
+        if len(q["choices"]) != 4 or not 0 <= q["answer"] < 4:
+            raise ilu.ILUError(f"{where} record {i}: expected 4 choices and an answer index 0-3")
+    return out
+
+
+# name: (hub repo, config, split, local file, field holding the text)
+CORPORA = {
+    "wmdp-bio-forget": ("cais/wmdp-bio-forget-corpus", None, "train", "wmdp/bio-forget-corpus.jsonl", "text"),
+    "wmdp-bio-retain": ("cais/wmdp-corpora", "bio-retain-corpus", "train", "wmdp/bio-retain-corpus.jsonl", "text"),
+    "wmdp-cyber-forget": ("cais/wmdp-corpora", "cyber-forget-corpus", "train", "wmdp/cyber-forget-corpus.jsonl", "text"),
+    "wmdp-cyber-retain": ("cais/wmdp-corpora", "cyber-retain-corpus", "train", "wmdp/cyber-retain-corpus.jsonl", "text"),
+    **{f"muse-{c}-{s}": (f"muse-bench/MUSE-{c.title()}", "raw", split, f"muse_{c}/raw/{split}.json", "text")
+       for c in ("news", "books") for s, split in (("forget", "forget"), ("retain", "retain1"), ("holdout", "holdout"))},
+}
+
+
+def load_corpus(name: str, data_dir=None) -> list[str]:
+    """Texts to forget or retain. WMDP corpora (JSONL, one {"text": ...} per line; the bio
+    forget corpus is gated: ask its authors, then pass data_dir) or MUSE raw splits (a JSON
+    list of strings; "retain" is MUSE's retain1, the calibration set used for unlearning)."""
+    if name not in CORPORA:
+        raise ilu.ILUError(f"unknown corpus '{name}': choose one of {', '.join(CORPORA)}")
+    repo, config, split, file, field = CORPORA[name]
+    if not data_dir:
+        return [r[field] for r in _hub(repo, config, split)]
+    path = _local(data_dir, [file], "a JSON list of strings" if file.endswith(".json") else 'JSONL with a "text" field')
+    if file.endswith(".json"):
+        rows = _read_json(path, "a JSON list of strings")
+        if not isinstance(rows, list) or not all(isinstance(t, str) for t in rows):
+            raise ilu.ILUError(f"{path}: expected a JSON list of strings")
+        return rows
+    return [r[field] for r in _require(_read_jsonl(path, 'one {"text": ...} per line'), [field], path, '"text"')]
+
+
+# subset: {split: (fields, local file names tried in order; the GitHub copy names retain sets "retain2")}
+MUSE_EVAL = {
+    "verbmem": {"forget": (("prompt", "gt"), ["forget"])},
+    "knowmem": {s: (("question", "answer"), [s, s.replace("retain", "retain2")])
+                for s in ("forget_qa", "forget_qa_icl", "retain_qa", "retain_qa_icl")},
+    "privleak": {s: ((), [s, s.replace("retain", "retain2")]) for s in ("forget", "retain", "holdout")},
+}
+
+
+def load_muse(subset: str, split: str, corpus: str = "news", data_dir=None) -> list:
+    """MUSE evaluation sets (muse-bench/MUSE-News, -Books): verbmem/forget -> [{prompt, gt}];
+    knowmem/{forget,retain}_qa[_icl] -> [{question, answer}]; privleak/{forget,retain,holdout} -> [str]."""
+    if corpus not in ("news", "books"):
+        raise ilu.ILUError(f"unknown MUSE corpus '{corpus}': news or books")
+    if subset not in MUSE_EVAL or split not in MUSE_EVAL[subset]:
+        options = ", ".join(f"{s}/{p}" for s in MUSE_EVAL for p in MUSE_EVAL[s])
+        raise ilu.ILUError(f"unknown MUSE set '{subset}/{split}': choose one of {options}")
+    fields, names = MUSE_EVAL[subset][split]
+    if not data_dir:
+        rows = _hub(f"muse-bench/MUSE-{corpus.title()}", subset, split)
+        return [r["text"] for r in rows] if not fields else [{k: r[k] for k in fields} for r in rows]
+    what = f"a JSON list of {'{' + ', '.join(fields) + '}' if fields else 'strings'}"
+    path = _local(data_dir, [f"muse_{corpus}/{subset}/{n}.json" for n in dict.fromkeys(names)], what)
+    rows = _read_json(path, what)
+    if not fields:
+        if not isinstance(rows, list) or not all(isinstance(t, str) for t in rows):
+            raise ilu.ILUError(f"{path}: expected {what}")
+        return rows
+    return [{k: r[k] for k in fields} for r in _require(rows, fields, path, what)]
+
+
+# Downstream tasks as prompt/answer pairs. One prompt format per task, written for this
+# project; "choices" are the scored continuations (None for GSM8K, which is generated).
+AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+MNLI_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def _task_record(prompt: str, choices: Sequence[str], label: int) -> dict:
+    return dict(prompt=prompt, answer=choices[label], choices=list(choices), label=label)
+
+
+TASKS = {  # name: hub (repo, config, {split: hub split}), local {split: candidates}, reader, formatter
+    "gsm8k": (("openai/gsm8k", "main", {"train": "train", "test": "test"}),
+              {"train": ["gsm8k/train.jsonl"], "test": ["gsm8k/test.jsonl"]}),
+    "agnews": (("fancyzhx/ag_news", None, {"train": "train", "test": "test"}),
+               {"train": ["ag_news/train.csv"], "test": ["ag_news/test.csv"]}),
+    "sst2": (("stanfordnlp/sst2", None, {"train": "train", "test": "validation"}),
+             {"train": ["sst2/stsa.binary.train"], "test": ["sst2/stsa.binary.dev"]}),
+    "winogrande": (("allenai/winogrande", "winogrande_xl", {"train": "train", "test": "validation"}),
+                   {"train": ["winogrande/train_xl.jsonl"], "test": ["winogrande/dev.jsonl"]}),
+    "mnli": (("nyu-mll/glue", "mnli", {"train": "train", "test": "validation_matched"}),
+             {"train": ["mnli/train.tsv"], "test": ["mnli/dev_matched.tsv", "mnli/sample_mnli.tsv"]}),
+    "qqp": (("nyu-mll/glue", "qqp", {"train": "train", "test": "validation"}),
+            {"train": ["qqp/train.tsv"], "test": ["qqp/dev.tsv"]}),
+}
+
+
+def _task_rows_local(name: str, path: Path) -> list[dict]:
+    """Read a task's file in its published format into the hub's field names."""
+    if name in ("gsm8k", "winogrande"):
+        keys = ["question", "answer"] if name == "gsm8k" else ["sentence", "option1", "option2", "answer"]
+        return _require(_read_jsonl(path, "JSONL with " + ", ".join(keys)), keys, path, ", ".join(keys))
+    if name == "agnews":  # class (1-4), title, description; the hub's text is "title description"
+        rows = _read_table(path, "AG News CSV: class,title,description", columns=3)
+        if any(c not in "1234" or len(c) != 1 for c, _, _ in rows):
+            raise ilu.ILUError(f"{path}: the class column must be 1-4")
+        return [dict(text=f"{t} {d}", label=int(c) - 1) for c, t, d in rows]
+    if name == "sst2":  # "<label> <sentence>" per line
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                if line[:2] not in ("0 ", "1 "):
+                    raise ilu.ILUError(f"{path} line {i}: expected '<0|1> <sentence>'")
+                rows.append(dict(sentence=line[2:], label=int(line[0])))
+        return rows
+    if name == "mnli":
+        rows = _read_table(path, "GLUE MNLI TSV", header=["sentence1", "sentence2", "gold_label"])
+        return [dict(premise=r["sentence1"], hypothesis=r["sentence2"], label=MNLI_LABELS.index(r["gold_label"]))
+                for r in rows if r["gold_label"] in MNLI_LABELS]
+    rows = _read_table(path, "GLUE QQP TSV", header=["question1", "question2", "is_duplicate"])
+    return [dict(question1=r["question1"], question2=r["question2"], label=int(r["is_duplicate"])) for r in rows]
+
+
+def _format_task(name: str, r: Mapping) -> dict:
+    if name == "gsm8k":
+        return dict(prompt=f"Question: {r['question']}\nAnswer:", answer=" " + r["answer"], choices=None,
+                    label=ilu.gsm8k_number(r["answer"]))
+    if name == "agnews":
+        return _task_record(f"Article: {r['text']}\nTopic:", [" " + c for c in AGNEWS_LABELS], int(r["label"]))
+    if name == "sst2":
+        return _task_record(f"Review: {r['sentence'].strip()}\nSentiment:", [" negative", " positive"], int(r["label"]))
+    if name == "winogrande":
+        return _task_record(f"Sentence: {r['sentence']}\nQuestion: Who or what is \"_\"?\nAnswer:",
+                            [" " + r["option1"], " " + r["option2"]], int(r["answer"]) - 1)
+    if name == "mnli":
+        return _task_record(f"Premise: {r['premise']}\nHypothesis: {r['hypothesis']}\nRelation:",
+                            [" " + c for c in MNLI_LABELS], int(r["label"]))
+    return _task_record(f"Question 1: {r['question1']}\nQuestion 2: {r['question2']}\nSame meaning:",
+                        [" no", " yes"], int(r["label"]))
+
+
+def load_task(name: str, split: str = "train", data_dir=None) -> list[dict]:
+    """A downstream task as [{prompt, answer, choices, label}] (label: the index of the right
+    choice; for GSM8K the final number as a string, and choices None).
+
+    Formats (answers start with a space):
+      gsm8k       "Question: {question}\\nAnswer:" -> " {worked solution ending in #### N}"
+      agnews      "Article: {title} {description}\\nTopic:" -> " World" | " Sports" | " Business" | " Sci/Tech"
+      sst2        "Review: {sentence}\\nSentiment:" -> " negative" | " positive"
+      winogrande  "Sentence: {sentence}\\nQuestion: Who or what is \\"_\\"?\\nAnswer:" -> " {option1}" | " {option2}"
+      mnli        "Premise: {p}\\nHypothesis: {h}\\nRelation:" -> " entailment" | " neutral" | " contradiction"
+      qqp         "Question 1: {q1}\\nQuestion 2: {q2}\\nSame meaning:" -> " no" | " yes"
+    split: "train" or "test" (the hub's validation split where the test labels are hidden).
+    """
+    if name not in TASKS:
+        raise ilu.ILUError(f"unknown task '{name}': choose one of {', '.join(TASKS)}")
+    if split not in ("train", "test"):
+        raise ilu.ILUError(f"unknown split '{split}': train or test")
+    (repo, config, hub_splits), local = TASKS[name]
+    if data_dir:
+        rows = _task_rows_local(name, _local(data_dir, local[split], f"{name}'s {split} file"))
+    else:
+        rows = _hub(repo, config, hub_splits[split])
+        if name == "agnews":
+            rows = [dict(text=r["text"], label=r["label"]) for r in rows]
+    return [_format_task(name, r) for r in rows]
+
+
+# -- task splits -------------------------------------------------------------------------------
 
 def task_split(name: str, data_dir: str | None, n_train: int | None, n_eval: int | None, seed: int):
     """(fine-tuning records, FA records) of a task: its train and test splits; where only a
@@ -562,12 +841,12 @@ def task_split(name: str, data_dir: str | None, n_train: int | None, n_eval: int
 
     note = ""
     try:
-        train = ilu.load_task(name, "train", data_dir)
-        test = ilu.load_task(name, "test", data_dir)
+        train = load_task(name, "train", data_dir)
+        test = load_task(name, "test", data_dir)
     except ilu.ILUError:
         if not data_dir:
             raise
-        rows = ilu.load_task(name, "test", data_dir)
+        rows = load_task(name, "test", data_dir)
         random.Random(seed).shuffle(rows)
         half = len(rows) // 2
         train, test = rows[:half], rows[half:]
@@ -594,7 +873,7 @@ def available_tasks(names: list[str], data_dir: str | None) -> tuple[list[str], 
     ok, skipped = [], {}
     for name in names:
         try:
-            ilu.load_task(name, "test", data_dir)
+            load_task(name, "test", data_dir)
             ok.append(name)
         except ilu.ILUError as e:
             skipped[name] = str(e)

@@ -13,24 +13,24 @@ from conftest import DATA, needs_data
 @pytest.mark.parametrize("name, rows", [("wmdp-bio", 1273), ("wmdp-cyber", 1987), ("wmdp-chem", 408),
                                         ("mmlu", 1124), ("mmlu:virology", 166), ("mmlu:high_school_biology", 310)])
 def test_questions_real_row_counts(name, rows):
-    qs = ilu.load_questions(name, DATA)
+    qs = runlib.load_questions(name, DATA)
     assert len(qs) == rows
     assert all(len(q["choices"]) == 4 and 0 <= q["answer"] < 4 for q in qs)
 
 
 @needs_data
 def test_questions_real_fields():
-    bio = ilu.load_questions("wmdp-bio", DATA)
+    bio = runlib.load_questions("wmdp-bio", DATA)
     assert bio[0]["subject"] == "biology" and bio[0]["answer"] == 0
     assert bio[0]["choices"][0] == "SpyCEP from Streptococcus pyogenes"
-    assert {q["subject"] for q in ilu.load_questions("mmlu", DATA)} >= {"virology", "college biology"}
-    vir = ilu.load_questions("mmlu:virology", DATA)
+    assert {q["subject"] for q in runlib.load_questions("mmlu", DATA)} >= {"virology", "college biology"}
+    vir = runlib.load_questions("mmlu:virology", DATA)
     assert vir[0]["question"] == "How many human polyomaviruses are known at present?"
     assert vir[0]["choices"] == ["100", "1", "10", "unknown"] and vir[0]["answer"] == 0
     # choices keep their surrounding whitespace (lm-eval does not strip them)
-    cyber = ilu.load_questions("wmdp-cyber", DATA)
+    cyber = runlib.load_questions("wmdp-cyber", DATA)
     assert any(c != c.strip() for q in cyber for c in q["choices"])
-    assert len(ilu.load_questions("mmlu", DATA, split="dev")) == 35
+    assert len(runlib.load_questions("mmlu", DATA, split="dev")) == 35
 
 
 @needs_data
@@ -40,16 +40,16 @@ def test_questions_real_fields():
     ("knowmem", "retain_qa_icl", 10, {"question", "answer"}), ("privleak", "forget", 100, None),
     ("privleak", "retain", 100, None), ("privleak", "holdout", 100, None)])
 def test_muse_real_row_counts(subset, split, rows, keys):
-    data = ilu.load_muse(subset, split, "news", DATA)
+    data = runlib.load_muse(subset, split, "news", DATA)
     assert len(data) == rows
     assert all(isinstance(d, str) for d in data) if keys is None else all(set(d) == keys for d in data)
 
 
 @needs_data
 def test_corpus_real_and_missing():
-    assert len(ilu.load_corpus("muse-news-forget", DATA)) == 889
+    assert len(runlib.load_corpus("muse-news-forget", DATA)) == 889
     with pytest.raises(ilu.ILUError, match=r"missing file .*muse_news/raw/retain1\.json"):
-        ilu.load_corpus("muse-news-retain", DATA)      # not in the shared copy (over 4 MiB upstream)
+        runlib.load_corpus("muse-news-retain", DATA)      # not in the shared copy (over 4 MiB upstream)
 
 
 @needs_data
@@ -57,7 +57,7 @@ def test_corpus_real_and_missing():
                                                ("agnews", "test", 7600), ("sst2", "test", 872),
                                                ("winogrande", "test", 1267), ("mnli", "test", 11)])
 def test_tasks_real_row_counts(task, split, rows):
-    data = ilu.load_task(task, split, DATA)
+    data = runlib.load_task(task, split, DATA)
     assert len(data) == rows
     for r in data:
         assert r["prompt"] and r["answer"].startswith(" ")
@@ -67,17 +67,17 @@ def test_tasks_real_row_counts(task, split, rows):
 
 @needs_data
 def test_tasks_real_labels():
-    ag = ilu.load_task("agnews", "test", DATA)
+    ag = runlib.load_task("agnews", "test", DATA)
     assert ag[0]["answer"] == " Business"                       # class 3 in the CSV
     assert ag[0]["prompt"].startswith("Article: Fears for T N pension after talks Unions representing")
-    sst = ilu.load_task("sst2", "test", DATA)
+    sst = runlib.load_task("sst2", "test", DATA)
     assert sst[0] == {"prompt": "Review: one long string of cliches .\nSentiment:", "answer": " negative",
                       "choices": [" negative", " positive"], "label": 0}
-    wg = ilu.load_task("winogrande", "test", DATA)[0]
+    wg = runlib.load_task("winogrande", "test", DATA)[0]
     assert wg["choices"] == [" Sarah", " Maria"] and wg["label"] == 1
-    mnli = ilu.load_task("mnli", "test", DATA)
+    mnli = runlib.load_task("mnli", "test", DATA)
     assert [r["answer"] for r in mnli[:2]] == [" neutral", " contradiction"]
-    gsm = ilu.load_task("gsm8k", "test", DATA)[0]
+    gsm = runlib.load_task("gsm8k", "test", DATA)[0]
     assert gsm["label"] == "18" and gsm["prompt"].startswith("Question: Janet") and gsm["prompt"].endswith("\nAnswer:")
 
 
@@ -103,34 +103,34 @@ def test_synthetic_formats(tmp_path):
           json.dumps({"sentence": "A _ b", "option1": "x", "option2": "y", "answer": "1"}) + "\n")
     write(tmp_path / "mnli/train.tsv", "index\tsentence1\tsentence2\tgold_label\n0\tP\tH\tcontradiction\n1\tP\tH\t-\n")
     write(tmp_path / "qqp/train.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n0\t1\t2\tA?\tB?\t1\n")
-    (chem,) = ilu.load_questions("wmdp-chem", tmp_path)
+    (chem,) = runlib.load_questions("wmdp-chem", tmp_path)
     assert chem == {"question": " Q? ", "choices": ["a", " b", "c", "d"], "answer": 2, "subject": "chemistry"}
-    (mm,) = ilu.load_questions("mmlu", tmp_path)
+    (mm,) = runlib.load_questions("mmlu", tmp_path)
     assert mm == {"question": "What, exactly?", "choices": ["x", "y", "z, w", "v"], "answer": 2, "subject": "anatomy"}
-    assert ilu.load_corpus("wmdp-cyber-forget", tmp_path) == ["t1", "t2"]
-    assert ilu.load_corpus("muse-books-forget", tmp_path) == ["book text"]
-    assert ilu.load_muse("knowmem", "retain_qa", "books", tmp_path) == [{"question": "q", "answer": "a"}]
-    assert ilu.load_muse("privleak", "holdout", "books", tmp_path) == ["h"]
-    assert ilu.load_task("gsm8k", "train", tmp_path)[0]["label"] == "2"
-    ag = ilu.load_task("agnews", "train", tmp_path)[0]
+    assert runlib.load_corpus("wmdp-cyber-forget", tmp_path) == ["t1", "t2"]
+    assert runlib.load_corpus("muse-books-forget", tmp_path) == ["book text"]
+    assert runlib.load_muse("knowmem", "retain_qa", "books", tmp_path) == [{"question": "q", "answer": "a"}]
+    assert runlib.load_muse("privleak", "holdout", "books", tmp_path) == ["h"]
+    assert runlib.load_task("gsm8k", "train", tmp_path)[0]["label"] == "2"
+    ag = runlib.load_task("agnews", "train", tmp_path)[0]
     assert ag["prompt"] == "Article: Title Desc, with comma\nTopic:" and ag["answer"] == " Sci/Tech"
-    assert [r["label"] for r in ilu.load_task("sst2", "train", tmp_path)] == [1, 0]
-    assert ilu.load_task("winogrande", "train", tmp_path)[0]["answer"] == " x"
-    assert [r["answer"] for r in ilu.load_task("mnli", "train", tmp_path)] == [" contradiction"]  # "-" dropped
-    qqp = ilu.load_task("qqp", "train", tmp_path)[0]
+    assert [r["label"] for r in runlib.load_task("sst2", "train", tmp_path)] == [1, 0]
+    assert runlib.load_task("winogrande", "train", tmp_path)[0]["answer"] == " x"
+    assert [r["answer"] for r in runlib.load_task("mnli", "train", tmp_path)] == [" contradiction"]  # "-" dropped
+    qqp = runlib.load_task("qqp", "train", tmp_path)[0]
     assert qqp["prompt"] == "Question 1: A?\nQuestion 2: B?\nSame meaning:" and qqp["answer"] == " yes"
 
 
 @pytest.mark.parametrize("file, text, call, message", [
-    ("wmdp/bio_questions.json", "[{", lambda d: ilu.load_questions("wmdp-bio", d), r"bio_questions\.json: not valid JSON"),
-    ("wmdp/bio_questions.json", '[{"question": "q"}]', lambda d: ilu.load_questions("wmdp-bio", d),
+    ("wmdp/bio_questions.json", "[{", lambda d: runlib.load_questions("wmdp-bio", d), r"bio_questions\.json: not valid JSON"),
+    ("wmdp/bio_questions.json", '[{"question": "q"}]', lambda d: runlib.load_questions("wmdp-bio", d),
      r"bio_questions\.json record 0: missing choices, answer"),
-    ("mmlu/test/x_test.csv", "q,a,b,c\n", lambda d: ilu.load_questions("mmlu:x", d), r"x_test\.csv row 1: 4 fields, expected 6"),
-    ("sst2/stsa.binary.train", "positive film\n", lambda d: ilu.load_task("sst2", "train", d),
+    ("mmlu/test/x_test.csv", "q,a,b,c\n", lambda d: runlib.load_questions("mmlu:x", d), r"x_test\.csv row 1: 4 fields, expected 6"),
+    ("sst2/stsa.binary.train", "positive film\n", lambda d: runlib.load_task("sst2", "train", d),
      r"stsa\.binary\.train line 1: expected '<0\|1> <sentence>'"),
-    ("ag_news/test.csv", '"9","t","d"\n', lambda d: ilu.load_task("agnews", "test", d), "class column must be 1-4"),
-    ("gsm8k/test.jsonl", '{"question": "q"}\n', lambda d: ilu.load_task("gsm8k", "test", d), "record 0: missing answer"),
-    ("mnli/train.tsv", "a\tb\n1\t2\n", lambda d: ilu.load_task("mnli", "train", d), "missing columns"),
+    ("ag_news/test.csv", '"9","t","d"\n', lambda d: runlib.load_task("agnews", "test", d), "class column must be 1-4"),
+    ("gsm8k/test.jsonl", '{"question": "q"}\n', lambda d: runlib.load_task("gsm8k", "test", d), "record 0: missing answer"),
+    ("mnli/train.tsv", "a\tb\n1\t2\n", lambda d: runlib.load_task("mnli", "train", d), "missing columns"),
 ])
 def test_malformed_files_name_the_file(tmp_path, file, text, call, message):
     write(tmp_path / file, text)
@@ -140,14 +140,14 @@ def test_malformed_files_name_the_file(tmp_path, file, text, call, message):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda d: ilu.load_questions("wmdp-bio", d), r"missing file .*wmdp/bio_questions\.json"),
-    (lambda d: ilu.load_task("qqp", "test", d), r"missing file .*qqp/dev\.tsv"),
-    (lambda d: ilu.load_muse("verbmem", "forget", "news", d), r"missing file .*muse_news/verbmem/forget\.json"),
-    (lambda d: ilu.load_questions("wmdp-physics", d), "unknown question set 'wmdp-physics'"),
-    (lambda d: ilu.load_task("imdb", "train", d), "unknown task 'imdb'"),
-    (lambda d: ilu.load_corpus("wikitext", d), "unknown corpus 'wikitext'"),
-    (lambda d: ilu.load_muse("verbmem", "retain", "news", d), "unknown MUSE set 'verbmem/retain'"),
-    (lambda d: ilu.load_muse("verbmem", "forget", "poems", d), "unknown MUSE corpus 'poems'"),
+    (lambda d: runlib.load_questions("wmdp-bio", d), r"missing file .*wmdp/bio_questions\.json"),
+    (lambda d: runlib.load_task("qqp", "test", d), r"missing file .*qqp/dev\.tsv"),
+    (lambda d: runlib.load_muse("verbmem", "forget", "news", d), r"missing file .*muse_news/verbmem/forget\.json"),
+    (lambda d: runlib.load_questions("wmdp-physics", d), "unknown question set 'wmdp-physics'"),
+    (lambda d: runlib.load_task("imdb", "train", d), "unknown task 'imdb'"),
+    (lambda d: runlib.load_corpus("wikitext", d), "unknown corpus 'wikitext'"),
+    (lambda d: runlib.load_muse("verbmem", "retain", "news", d), "unknown MUSE set 'verbmem/retain'"),
+    (lambda d: runlib.load_muse("verbmem", "forget", "poems", d), "unknown MUSE corpus 'poems'"),
 ])
 def test_bad_paths_and_names(tmp_path, call, message):
     with pytest.raises(ilu.ILUError, match=message):
@@ -162,7 +162,7 @@ def test_hub_failure_is_one_line(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ilu.ILUError, match=r"cannot load cais/wmdp \(wmdp-bio, test\) from the hub: Couldn't reach") as e:
-        ilu.load_questions("wmdp-bio")
+        runlib.load_questions("wmdp-bio")
     assert "\n" not in str(e.value)
 
 
@@ -170,7 +170,7 @@ def test_hub_failure_is_one_line(monkeypatch):
 
 @needs_data
 def test_muse_forget_corpus_windows_cover_every_token():
-    docs = ilu.load_corpus("muse-news-forget", DATA)
+    docs = runlib.load_corpus("muse-news-forget", DATA)
     tok = runlib.train_tokenizer(docs[:200], vocab_size=2048)
     stream = tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
     L = 512
@@ -206,7 +206,7 @@ def test_windows_without_bos_and_short_corpus():
 def test_privleak_scores_each_text_whole_up_to_the_window(monkeypatch):
     from conftest import model_for
 
-    texts = ilu.load_muse("privleak", "forget", "news", DATA)[:6]
+    texts = runlib.load_muse("privleak", "forget", "news", DATA)[:6]
     tok = runlib.train_tokenizer(texts, vocab_size=1024)
     model = model_for(tok)                                        # a 4,096-position window
     lengths = [len(tok(t)["input_ids"]) for t in texts]

@@ -40,9 +40,9 @@ def lm_eval_prediction(model, tok, q, subject):
 
 
 def mc_questions():
-    bio = ilu.load_questions("wmdp-bio", DATA)[:12]
-    cyber = [q for q in ilu.load_questions("wmdp-cyber", DATA) if any(c != c.strip() for c in q["choices"])][:6]
-    mmlu = ilu.load_questions("mmlu:college_biology", DATA)[:12]
+    bio = runlib.load_questions("wmdp-bio", DATA)[:12]
+    cyber = [q for q in runlib.load_questions("wmdp-cyber", DATA) if any(c != c.strip() for c in q["choices"])][:6]
+    mmlu = runlib.load_questions("mmlu:college_biology", DATA)[:12]
     return bio, cyber, mmlu
 
 
@@ -100,7 +100,7 @@ def windowed_logprob(model, ctx, cont, window):
 @pytest.mark.parametrize("kind", ["one-token", "two-tokens"])
 def test_mc_accuracy_cuts_long_prompts_as_lm_eval_does(kind):
     """A model whose window is shorter than most of 24 real WMDP prompts: lm-eval's predictions."""
-    qs = ilu.load_questions("wmdp-bio", DATA)[:24]
+    qs = runlib.load_questions("wmdp-bio", DATA)[:24]
     tok = tokenizers_for(qs)[kind]
     model = model_for(tok, init=0.5)
     requests = []
@@ -144,7 +144,7 @@ def test_context_window_follows_lm_eval():
 
 @needs_data
 def test_choice_scoring_and_min_k_cut_to_the_window():
-    records = ilu.load_task("agnews", "test", DATA)[:6] + ilu.load_task("winogrande", "test", DATA)[:6]
+    records = runlib.load_task("agnews", "test", DATA)[:6] + runlib.load_task("winogrande", "test", DATA)[:6]
     tok = runlib.train_tokenizer([r["prompt"] + r["answer"] for r in records], vocab_size=500)
     model = model_for(tok, init=0.3)
     model.config.max_position_embeddings = 32
@@ -162,7 +162,7 @@ def test_choice_scoring_and_min_k_cut_to_the_window():
 
 @needs_data
 def test_batched_greedy_generation_equals_unbatched():
-    texts = [t[:n] for t, n in zip(ilu.load_muse("privleak", "forget", "news", DATA)[:6], (40, 300, 90, 10, 200, 150))]
+    texts = [t[:n] for t, n in zip(runlib.load_muse("privleak", "forget", "news", DATA)[:6], (40, 300, 90, 10, 200, 150))]
     tok = runlib.train_tokenizer(texts, vocab_size=600)
     model = model_for(tok, init=0.3)
     batched = ilu.generate(model, tok, texts, max_new_tokens=12, batch_size=4, progress=False)
@@ -193,7 +193,7 @@ def test_rouge_l_f1_hand_cases(pred, ref, want):
 def test_rouge_l_f1_matches_rouge_score_package():
     rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    qa = ilu.load_muse("knowmem", "forget_qa", "news", DATA)
+    qa = runlib.load_muse("knowmem", "forget_qa", "news", DATA)
     rng = random.Random(0)
     pairs = [(q["answer"], rng.choice(qa)["answer"]) for q in qa]
     pairs += [(q["question"], qa[(i + 1) % len(qa)]["question"]) for i, q in enumerate(qa)]
@@ -229,9 +229,9 @@ def test_min_k_scores_match_hand_computation():
 
 @needs_data
 def test_verbmem_and_knowmem_on_real_muse_files(monkeypatch):
-    verb = ilu.load_muse("verbmem", "forget", "news", DATA)[:4]
-    qa = ilu.load_muse("knowmem", "forget_qa", "news", DATA)[:5]
-    icl = ilu.load_muse("knowmem", "forget_qa_icl", "news", DATA)
+    verb = runlib.load_muse("verbmem", "forget", "news", DATA)[:4]
+    qa = runlib.load_muse("knowmem", "forget_qa", "news", DATA)[:5]
+    icl = runlib.load_muse("knowmem", "forget_qa_icl", "news", DATA)
     tok = runlib.train_tokenizer([v["prompt"] + v["gt"] for v in verb] + [q["question"] for q in qa + icl], 800)
     model = model_for(tok)
     v = ilu.verbmem(model, tok, verb, max_new_tokens=8, max_prompt_tokens=64, batch_size=2, progress=False)
@@ -273,13 +273,13 @@ def test_gsm8k_number_on_real_answers():
     for split, path in (("test", "gsm8k/test.jsonl"), ("train", "gsm8k/train.jsonl")):
         raw = [json.loads(line) for line in open(os.path.join(DATA, path), encoding="utf-8")]
         gold = [r["answer"].split("####")[-1].strip().replace(",", "") for r in raw]
-        assert [r["label"] for r in ilu.load_task("gsm8k", split, DATA)] == gold
+        assert [r["label"] for r in runlib.load_task("gsm8k", split, DATA)] == gold
 
 
 @needs_data
 def test_task_accuracy_matches_per_choice_scoring(monkeypatch):
-    records = (ilu.load_task("sst2", "test", DATA)[:10] + ilu.load_task("winogrande", "test", DATA)[:10]
-               + ilu.load_task("agnews", "test", DATA)[:10])
+    records = (runlib.load_task("sst2", "test", DATA)[:10] + runlib.load_task("winogrande", "test", DATA)[:10]
+               + runlib.load_task("agnews", "test", DATA)[:10])
     tok = runlib.train_tokenizer([r["prompt"] + r["answer"] for r in records], vocab_size=600)
     model = model_for(tok, init=0.3)
     hits = 0
@@ -292,7 +292,7 @@ def test_task_accuracy_matches_per_choice_scoring(monkeypatch):
             scores.append(sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(c)))
         hits += scores.index(max(scores)) == r["label"]
     assert ilu.task_accuracy(model, tok, records, batch_size=7, progress=False) == pytest.approx(hits / len(records))
-    gsm = ilu.load_task("gsm8k", "test", DATA)[:4]
+    gsm = runlib.load_task("gsm8k", "test", DATA)[:4]
     monkeypatch.setattr(ilu, "generate", lambda m, t, prompts, *a, **kw: [r["answer"] for r in gsm])
     assert ilu.task_accuracy(None, tok, gsm) == 1.0
     monkeypatch.setattr(ilu, "generate", lambda m, t, prompts, *a, **kw: ["I do not know"] * 4)

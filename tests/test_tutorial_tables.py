@@ -144,7 +144,7 @@ def test_check_and_save_reference_from_the_command_line(tmp_path):
                f"11.00 ± 1.00 (10.00–12.00) | " \
                f"6.03–15.97 | {verdict} |" in r.stdout
         outside = 0 if verdict != "OUTSIDE" else len(unlearned)
-        assert f"11 figures checked" in r.stdout and f"{outside} outside (chance alone puts up to 2 of 11" in r.stdout
+        assert "11 figures checked" in r.stdout and f"{outside} outside (chance alone puts up to 2 of 11" in r.stdout
     r = subprocess.run(cmd + ["--out", str(rerun), "--check", str(tmp_path / "nope.json")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such file" in r.stderr
