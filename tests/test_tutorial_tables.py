@@ -123,8 +123,7 @@ def test_check_and_save_reference_from_the_command_line(tmp_path):
     ref = tmp_path / "reference.json"
     cmd = [sys.executable, "benchmarks/tutorial_tables.py", "--report"]
     r = subprocess.run(cmd + ["--out", str(tmp_path / "ref"), "--seeds", "0", "1", "2", "--save-reference", str(ref)],
-                       cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     saved = json.loads(ref.read_text())
     assert saved["seeds"] == [0, 1, 2] and saved["figures"]["MUSE | NPO + ILU(GSM8K) | VerbMem ↓"] == [10.0, 11.0, 12.0]
@@ -140,9 +139,8 @@ def test_check_and_save_reference_from_the_command_line(tmp_path):
         r = subprocess.run(cmd + ["--out", str(rerun), "--seeds", "0", "--check", str(ref)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == code, r.stdout + r.stderr
-        assert f"| MUSE | NPO + ILU(GSM8K) | VerbMem ↓ | 0 | {unlearned['verbmem']:.2f} | " \
-               f"11.00 ± 1.00 (10.00–12.00) | " \
-               f"6.03–15.97 | {verdict} |" in r.stdout
+        assert (f"| MUSE | NPO + ILU(GSM8K) | VerbMem ↓ | 0 | {unlearned['verbmem']:.2f} | 11.00 ± 1.00 (10.00–12.00) | "
+                f"6.03–15.97 | {verdict} |") in r.stdout
         outside = 0 if verdict != "OUTSIDE" else len(unlearned)
         assert "11 figures checked" in r.stdout and f"{outside} outside (chance alone puts up to 2 of 11" in r.stdout
     r = subprocess.run(cmd + ["--out", str(rerun), "--check", str(tmp_path / "nope.json")], cwd=ROOT,
