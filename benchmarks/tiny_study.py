@@ -37,8 +37,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ilu  # noqa: E402
 import runlib  # noqa: E402
@@ -94,19 +92,6 @@ def ms(values, d=3):
     return f"{statistics.mean(values):.{d}f} ± {statistics.stdev(values) if len(values) > 1 else 0:.{d}f}"
 
 
-@torch.no_grad()
-def mean_nll(model, data, batch_size=16) -> float:
-    """Answer-token NLL of encoded pairs, averaged over all their answer tokens."""
-    total = count = 0.0
-    for i in range(0, len(data), batch_size):
-        b = ilu.collate(data[i:i + batch_size])
-        n = int((b["labels"][:, 1:] != ilu.IGNORE).sum())
-        total += ilu.token_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                               b["labels"]).item() * n
-        count += n
-    return total / max(count, 1)
-
-
 class Setting:
     """One tiny target with its forget/retain sets, fine-tuning data, metrics and diagnostics."""
 
@@ -131,7 +116,7 @@ class Setting:
                    for t in self.tasks}
         self.probe = {t: ilu.encode_pairs(tok, runlib.task_split(t, data_dir, None, PROBE_PAIRS, 0)[1], max_length=L)
                       for t in self.tasks}
-        self.loss0 = {t: mean_nll(model, d) for t, d in self.probe.items()}
+        self.loss0 = {t: runlib.answer_nll(model, d) for t, d in self.probe.items()}
         self.controls = {}                                # (fine-tuning, seed) -> (results, {task: theta_ft})
         if part == "wmdp":   # forget: one item per bio question, in order; attack the first half
             k = len(self.ev["bio"]) // 2
@@ -151,7 +136,7 @@ class Setting:
 
     def measure(self) -> dict:
         m, tok, ev, b = self.model, self.tok, self.ev, self.cfg.eval_batch
-        out = dict(forget_nll=mean_nll(m, self.forget_probe))
+        out = dict(forget_nll=runlib.answer_nll(m, self.forget_probe))
         if self.part == "wmdp":
             return dict(out, bio=ilu.mc_accuracy(m, tok, ev["bio"], batch_size=b, progress=False),
                         mmlu=ilu.mc_accuracy(m, tok, ev["mmlu"], batch_size=b, progress=False))
@@ -203,7 +188,7 @@ class Setting:
         out = dict(unlearned=self.measure(), held_out_before=self.held_out_score(), finetuned={})
         if variant:
             tau_u = ilu.task_vector(start, self.theta)
-            out["dL"] = {t: mean_nll(self.model, d) - self.loss0[t] for t, d in self.probe.items()}
+            out["dL"] = {t: runlib.answer_nll(self.model, d) - self.loss0[t] for t, d in self.probe.items()}
             out["geometry"] = {}
         states = {}
         for t in self.tasks:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import runlib  # noqa: E402
 import tiny_study  # noqa: E402
 from conftest import tiny_llama, token_pairs  # noqa: E402
 
@@ -29,7 +30,7 @@ def test_relearning_criterion_by_hand():
     assert not tiny_study.relearning("wmdp", ["sst2"], weak_control, back)["sst2"]["relearns"]
 
 
-def test_mean_nll_weighs_every_answer_token_equally():
+def test_answer_nll_weighs_every_answer_token_equally():
     model = tiny_llama(layers=2).eval()
     data = token_pairs(5, seed=1, answer_len=3) + token_pairs(3, seed=2, answer_len=1)
     total = count = 0.0
@@ -40,4 +41,4 @@ def test_mean_nll_weighs_every_answer_token_equally():
             keep = labels != -100
             total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
             count += int(keep.sum())
-    assert tiny_study.mean_nll(model, data, batch_size=3) == pytest.approx(total / count, rel=1e-5)
+    assert runlib.answer_nll(model, data, batch_size=3) == pytest.approx(total / count, rel=1e-5)

