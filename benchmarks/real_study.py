@@ -38,12 +38,13 @@ from tiny_study import ms, relearning  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"NPO": ["--ilu-env", "none"], "NPO + ILU(GSM8K)": ["--ilu-env", "gsm8k"]}
 RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
-    "base": ("run_muse --small as it is: NPO 20 steps at lr 5e-5 (γ 1); each fine-tuning 40 steps × 8 at lr 1e-4",
+    "base": ("run_muse --small as it is: NPO 20 steps at lr 5e-5 (γ 1); each fine-tuning 40 steps × 8 at lr 2e-5",
              []),
-    "deep": ("deeper unlearning that costs general ability: NPO 40 steps at lr 1e-4, retain weight γ 0.1",
-             ["--steps", "40", "--lr", "1e-4", "--gamma", "0.1"]),
-    "strong-ft": ("the base unlearning, a longer attack: 120 fine-tuning steps at lr 1e-4",
-                  ["--finetune-steps", "120"]),
+    "deep": ("deeper unlearning: NPO's β 0.01 instead of 0.1, so its weight σ(β·log-ratio) on a 55-token "
+             "continuation fades only after a 10× larger drop in log-likelihood (base stops at forget NLL ≈ 0.5)",
+             ["--beta", "0.01"]),
+    "strong-ft": ("the base unlearning, a stronger attack: 40 fine-tuning steps at lr 5e-5",
+                  ["--finetune-lr", "5e-5"]),
 }
 
 
@@ -106,7 +107,7 @@ def tables(name: str, runs: dict, seeds: list[int]) -> str:
     done = {v: [as_study(st, tasks, "unlearned") for st in rs] for v, rs in runs.items() if rs}
     n = {v: len(rs) for v, rs in runs.items()}
     text = (f"### {name}: {doc}\n\n`python benchmarks/real_study.py --data-dir ../shared/data --recipes {name}` "
-            f"(run_muse.py --small {' '.join(flags)}); seeds {', '.join(map(str, seeds))} "
+            f"(run_muse.py {' '.join(['--small', *flags])}); seeds {', '.join(map(str, seeds))} "
             f"({', '.join(f'{v}: {k} finished' for v, k in n.items())}). Mean ± std over seeds.\n\n")
 
     def rows(key, digits=1):
