@@ -4,7 +4,8 @@
     python benchmarks/real_study.py --data-dir ../shared/data                 # recipe "base", seeds 0-2
     python benchmarks/real_study.py --data-dir ../shared/data --recipes deep --seeds 0
     python benchmarks/real_study.py --out runs/real_study --report            # tables from what is saved
-    python benchmarks/real_study.py --out runs/rerun --seeds 0 --compare runs/real_study
+    python benchmarks/real_study.py --data-dir ../shared/data --seeds 0 --out runs/rerun \
+        --compare benchmarks/real_study_reference.json                     # a rerun, figure by figure
 
 Each recipe and seed is two `run_muse.py --small` runs: NPO (with the control: the target
 fine-tuned on each task the same way) and NPO + ILU(GSM8K), which borrows that control
@@ -155,8 +156,17 @@ def tables(name: str, runs: dict, seeds: list[int]) -> str:
     return text + runlib.markdown_table(["model", *tasks], rel) + "\n"
 
 
+def collect(where: Path) -> dict:
+    """{"recipe/run": stages} of the finished runs under a study folder, or as saved by --save-reference."""
+    if where.is_file():
+        return json.loads(where.read_text())
+    return {str(f.parent.relative_to(where)): json.loads(f.read_text())["stages"]
+            for f in sorted(where.glob("*/*/results.json")) if finished(f.parent)}
+
+
 def compare(out: Path, other: Path) -> int:
-    """Count the figures of every run in `out` identical to the same run in `other` (timings aside)."""
+    """Count the figures of every finished run in `out` identical to the same run in `other` (a study
+    folder or a reference file), timings aside; 0 when every one is."""
     def leaves(x, prefix=""):
         if isinstance(x, dict):
             for k, v in x.items():
@@ -169,15 +179,14 @@ def compare(out: Path, other: Path) -> int:
             yield prefix, x
 
     same = total = 0
-    for mine in sorted(out.glob("*/*/results.json")):
-        theirs = other / mine.relative_to(out)
-        if not theirs.exists() or not json.loads(mine.read_text()).get("summary"):
+    theirs = collect(other)
+    for name, stages in collect(out).items():
+        if name not in theirs:
             continue
-        a = dict(leaves(json.loads(mine.read_text())["stages"]))
-        b = dict(leaves(json.loads(theirs.read_text())["stages"]))
+        a, b = dict(leaves(stages)), dict(leaves(theirs[name]))
         differ = [k for k in a if a[k] != b.get(k)]
         same, total = same + len(a) - len(differ), total + len(a)
-        print(f"{mine.parent.relative_to(out)}: {len(a) - len(differ)} of {len(a)} figures identical"
+        print(f"{name}: {len(a) - len(differ)} of {len(a)} figures identical"
               + (f" (first differing: {differ[0]}: {a[differ[0]]} vs {b.get(differ[0])})" if differ else ""))
     print(f"in all: {same} of {total} figures identical")
     return 0 if total and same == total else 1
@@ -192,9 +201,11 @@ def main():
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", default="runs/real_study", help="folder of the runs, study.md and study.json")
     ap.add_argument("--report", action="store_true", help="only write the tables from the finished runs in --out")
-    ap.add_argument("--compare", default=None, metavar="DIR",
-                    help="after the runs, count the figures identical to those of the same runs in DIR; exit 1 "
-                         "unless all are")
+    ap.add_argument("--compare", default=None, metavar="PATH",
+                    help="after the runs, count the figures identical to those of the same runs in PATH (a study "
+                         "folder, or benchmarks/real_study_reference.json); exit 1 unless all are")
+    ap.add_argument("--save-reference", default=None, metavar="FILE",
+                    help="write every finished run's stages to FILE (the reference --compare reads)")
     args = ap.parse_args()
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
@@ -212,6 +223,8 @@ def main():
     runlib.write_atomic(out / "study.md", text)
     runlib.write_atomic(out / "study.json", json.dumps({n: load(out, n, args.seeds) for n in args.recipes}))
     print(text)
+    if args.save_reference:
+        runlib.write_atomic(Path(args.save_reference), json.dumps(collect(out), indent=0))
     if args.compare:
         sys.exit(compare(out, Path(args.compare)))
 

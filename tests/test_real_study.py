@@ -41,6 +41,9 @@ def test_tables_and_compare_by_hand(tmp_path, capsys):
 
     other = tmp_path / "rerun"
     shutil.copytree(out, other)
+    ref = tmp_path / "reference.json"
+    ref.write_text(json.dumps(real_study.collect(out)))
+    assert real_study.compare(other, ref) == 0 and "in all: 132 of 132" in capsys.readouterr().out
     assert real_study.compare(other, out) == 0         # a run: 4 stages x 7 metrics, FA twice, geometry 3
     assert "in all: 132 of 132 figures identical" in capsys.readouterr().out
     path = real_study.folder(other, "base", "NPO", 1) / "results.json"
