@@ -136,14 +136,15 @@ def scaled_sets(cfg: Config) -> dict:
     holdout = [cut_words(t, cfg.tiny_prompt_chars + cfg.tiny_gt_chars) for t in ev["privleak_holdout"][:n]]
     ev.update(verbmem=verb, forget_qa=forget_qa, retain_qa=retain_qa, privleak_forget=passages,
               privleak_holdout=holdout, verbmem_unseen=[cut(r) for r in ev["verbmem"][-n:]])
-    return dict(ev=ev, passages=passages, retain_text=retain_text, forget_qa=[qa_text(r) for r in forget_qa],
-                retain_qa=[qa_text(r) for r in retain_qa])
+    d = dict(ev=ev, passages=passages, retain_text=retain_text, forget_qa=[qa_text(r) for r in forget_qa],
+             retain_qa=[qa_text(r) for r in retain_qa])
+    return dict(d, forget=d["passages"] + d["forget_qa"], retain=d["retain_text"] + d["retain_qa"])
 
 
 def setup_tiny(cfg: Config, tasks: list[str]):
     """Tiny Llama trained from scratch on the scaled sets (repeated) and on the tasks' texts."""
     d = scaled_sets(cfg)
-    forget, retain = d["passages"] + d["forget_qa"], d["retain_text"] + d["retain_qa"]
+    forget, retain = d["forget"], d["retain"]
     general = []
     for t in tasks:
         train, _, _ = runlib.task_split(t, cfg.data_dir, None, None, cfg.seed)
@@ -166,7 +167,7 @@ def setup_small(cfg: Config, tasks: list[str]):
     import ilu
 
     d = scaled_sets(cfg)
-    forget, retain = d["passages"] + d["forget_qa"], d["retain_text"] + d["retain_qa"]
+    forget, retain = d["forget"], d["retain"]
     base = runlib.model_path(cfg.model or "smollm2-135m", cfg.cache_dir)
     model, tok, _ = runlib.cached_finetuned(cfg.cache_dir, base, dict(name="small-muse"), forget + retain,
                                             epochs=cfg.small_epochs, lr=cfg.small_lr, max_length=256)

@@ -126,7 +126,7 @@ class CommonConfig:
     fa_limit: int = h("test examples per task for FA; 0: all", default=1000)
     eval_batch: int = h("batch size of evaluation", default=16)
     cache_dir: str = h("where tiny and fine-tuned targets are cached, and models prepared offline "
-                       "(prepare_model.py) are found", default="~/.cache/ilu")
+                       "(prepare_model.py) are found", default=DEFAULT_CACHE)
     tiny_repeat: int = h("--tiny: repetitions of each text to learn in target training", default=12)
     tiny_general: int = h("--tiny: downstream-task texts in target training", default=1200)
     tiny_steps: int = h("--tiny: target training steps (batch 16)", default=400)
