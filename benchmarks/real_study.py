@@ -42,8 +42,9 @@ RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
     "base": ("run_muse --small as it is: NPO 20 steps at lr 5e-5 (γ 1); each fine-tuning 40 steps × 8 at lr 2e-5",
              []),
     "deep": ("deeper unlearning: NPO's β 0.01 instead of 0.1, so its weight σ(β·log-ratio) on a 55-token "
-             "continuation fades only after a 10× larger drop in log-likelihood (base stops at forget NLL ≈ 0.5)",
-             ["--beta", "0.01"]),
+             "continuation fades only after a 10× larger drop in log-likelihood (base stops at forget NLL ≈ 0.5), "
+             "and twice the steps at twice the lr (40 at 1e-4)",
+             ["--beta", "0.01", "--lr", "1e-4", "--steps", "40"]),
     "strong-ft": ("the base unlearning, a stronger attack: 40 fine-tuning steps at lr 5e-5",
                   ["--finetune-lr", "5e-5"]),
 }
