@@ -430,6 +430,18 @@ def lr_at(step: int, total: int, peak: float, warmup: int, decay: bool = True) -
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
+def clip_and_step(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], max_grad_norm: float | None,
+                  lr: float) -> None:
+    """One optimizer step at learning rate lr, after clipping the global gradient norm to
+    max_grad_norm (None or 0: no clipping); the gradients are cleared after it."""
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 # -----------------------------------------------------------------------------
 # Many GPUs: FSDP2 under torchrun
 #
@@ -710,7 +722,23 @@ def reference_logprobs(model, examples: Sequence[Mapping], batch_size: int = 8) 
 
 def _irm_backward(model, batch: Mapping[str, torch.Tensor], lam: float, micro: int | None,
                   grad_batch: Mapping[str, torch.Tensor] | None = None) -> float:
-    """Backpropagate lam * penalty of one environment batch; return the penalty.
+    """Backpropagate lam * irm_penalty of one environment batch; return the penalty.
+
+    One process, the whole batch in one forward: just that. In chunks of `micro` rows, with
+    the split estimator (grad_batch) or on a sharded model: `_irm_backward_in_pieces`, which
+    gives the same gradient.
+    """
+    if is_sharded(model) or grad_batch is not None or (micro and micro < batch["input_ids"].size(0)):
+        return _irm_backward_in_pieces(model, batch, lam, micro, grad_batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    penalty = irm_penalty(logits, batch["labels"])
+    (lam * penalty).backward()
+    return penalty.item()
+
+
+def _irm_backward_in_pieces(model, batch: Mapping[str, torch.Tensor], lam: float, micro: int | None,
+                            grad_batch: Mapping[str, torch.Tensor] | None = None) -> float:
+    """_irm_backward when the batch does not run in one forward on one process.
 
     With micro < batch rows, the batch is processed in chunks: g = (sum_c s_c) / N is a
     mean over all chunks, so a no-grad pass first finds g, then each chunk backpropagates
@@ -734,24 +762,16 @@ def _irm_backward(model, batch: Mapping[str, torch.Tensor], lam: float, micro: i
         step = micro or (mine.stop - mine.start)
         return [slice(i, min(i + step, mine.stop)) for i in range(mine.start, mine.stop, step)]
 
-    def g_of(b):                                               # forward only
-        with torch.no_grad():
-            s = sum(_irm_terms(logits_of(b, c), b["labels"][c])[0] for c in chunks(b))
-        return _sum_over_ranks(model, float(s))[0] / max(_answer_tokens(b["labels"]), 1)
-
-    if grad_batch is None and len(chunks(batch)) == 1:        # one forward per rank
+    if grad_batch is None and len(chunks(batch)) == 1:        # sharded, one forward per rank
         rows = chunks(batch)[0]
-        logits = logits_of(batch, rows)
-        if not is_sharded(model):
-            pen = irm_penalty(logits, batch["labels"])
-            (lam * pen).backward()
-            return pen.item()
-        s, _ = _irm_terms(logits, batch["labels"][rows])
+        s, _ = _irm_terms(logits_of(batch, rows), batch["labels"][rows])
         n = max(_answer_tokens(batch["labels"]), 1)
         g = _sum_over_ranks(model, s.item())[0] / n            # the global g, then squared
         (lam * 2 * g * s / n).backward()
         return g * g
-    g = g_of(batch)
+    with torch.no_grad():                                      # g: forward only
+        s = sum(_irm_terms(logits_of(batch, c), batch["labels"][c])[0] for c in chunks(batch))
+    g = _sum_over_ranks(model, float(s))[0] / max(_answer_tokens(batch["labels"]), 1)
     target = batch if grad_batch is None else grad_batch
     n = max(_answer_tokens(target["labels"]), 1)
     for c in chunks(target):
@@ -761,6 +781,129 @@ def _irm_backward(model, batch: Mapping[str, torch.Tensor], lam: float, micro: i
 
 
 METHODS = ("npo", "rmu", "graddiff")
+
+# Each method's loss on one micro-batch, as two terms (forget, retain) and, for the log, the
+# forget rows' summed answer NLL and their answer tokens. The step adds them as
+# forget + weight * retain (weight: gamma for NPO and GradDiff; RMU's alpha is in its retain term).
+
+def _nll(model, b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return token_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+
+
+def _npo_terms(model, fb, rb, ref_logp: torch.Tensor, beta: float):
+    """L_NPO(forget) (npo_loss: -(2/beta) E log sigmoid(-beta log pi/pi_ref)) and NLL(retain)."""
+    logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits   # (B, T, V)
+    logp = sequence_logprob(logits, fb["labels"])                                          # (B,) log pi(y|x)
+    del logits
+    forget = npo_loss(logp, ref_logp, beta)
+    return forget, _nll(model, rb), (-float(logp.detach().sum()), _answer_tokens(fb["labels"]))
+
+
+def _graddiff_terms(model, fb, rb):
+    """-NLL(forget) (gradient ascent) and NLL(retain): graddiff_loss, term by term."""
+    nll = _nll(model, fb)
+    tokens = _answer_tokens(fb["labels"])
+    return -nll, _nll(model, rb), (float(nll.detach()) * tokens, tokens)
+
+
+def _rmu_terms(model, fb, rb, layer: int, control: torch.Tensor, frozen: Mapping, alpha: float):
+    """rmu_loss, term by term: ||h(x_f) - c*u||^2 and alpha * ||h(x_r) - h_frozen(x_r)||^2 at `layer`."""
+    h_f, h_r = hidden_at(model, layer, fb), hidden_at(model, layer, rb)                   # (B, T, D)
+    h_r0 = _hidden_at_frozen(model, layer, rb, frozen)
+    return masked_mse(h_f, control, fb["attention_mask"]), alpha * masked_mse(h_r, h_r0, rb["attention_mask"]), None
+
+
+def _method(model, method: str, forget: Sequence[Mapping], device, beta: float, gamma: float, rmu_layer: int,
+            rmu_coeff: float, rmu_alpha: float, seed: int, log: Callable[[str], None]):
+    """(terms, trained parameters, retain weight) of a method; terms(forget rows, retain rows,
+    forget indices) gives its two terms. NPO caches log pi_ref of every forget example (the
+    reference model never changes); RMU trains only the down-projections of layers l-2..l."""
+    _reshard(model)
+    if method == "npo":
+        ref = reference_logprobs(model, forget).to(device)    # pi_ref, cached once
+        _reshard(model)
+        terms = lambda fb, rb, idx: _npo_terms(model, fb, rb, ref[torch.tensor(idx, device=device)], beta)  # noqa: E731
+    elif method == "graddiff":
+        terms = lambda fb, rb, idx: _graddiff_terms(model, fb, rb)  # noqa: E731
+    else:
+        trained = [mlp_down_proj(decoder_layers(model)[i]).weight for i in range(max(0, rmu_layer - 2), rmu_layer + 1)]
+        ids = {id(w) for w in trained}
+        frozen = {n: _mine(p).detach().clone() for n, p in model.named_parameters() if id(p) in ids}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ids)
+        control = rmu_control_vector(model.config.hidden_size, rmu_coeff, seed).to(device)
+        log(f"rmu: layer {rmu_layer}, training {', '.join(frozen)}")
+        terms = lambda fb, rb, idx: _rmu_terms(model, fb, rb, rmu_layer, control, frozen, rmu_alpha)  # noqa: E731
+        return terms, trained, 1.0
+    return terms, [p for p in model.parameters() if p.requires_grad], gamma
+
+
+# The distributed bookkeeping of a step, in one place. One process: every micro-batch whole,
+# every share 1. Sharded (FSDP2): each rank runs its rows of every micro-batch (or whole
+# micro-batches in turn) and weighs each term by its share of what the term averages over,
+# so that the ranks' gradients add up to the one-process gradient.
+
+SHARE_OF = {"npo": ("rows", "tokens"), "graddiff": ("tokens", "tokens"), "rmu": ("mask", "mask")}
+
+
+def _share(b: Mapping[str, torch.Tensor], rows: slice, idx: list, kind: str) -> float:
+    """This rank's part of a micro-batch in what a term averages over: its examples (L_NPO),
+    answer tokens (NLL) or attention tokens (RMU's MSE)."""
+    if kind == "rows":
+        return len(idx[rows]) / len(idx)
+    if kind == "tokens":
+        return _answer_tokens(b["labels"][rows]) / max(_answer_tokens(b["labels"]), 1)
+    return float(b["attention_mask"][rows].sum() / b["attention_mask"].sum().clamp(min=1))
+
+
+def _my_micro_batches(model, forget, retain, draws, pieces, kinds: tuple[str, str], device):
+    """Yield this rank's part of one step: (forget rows, retain rows, forget indices, forget
+    share, retain share) for each (micro-batch, rows) of `pieces` (`_my_pieces`)."""
+    for m, rows in pieces:
+        f_idx, r_idx = draws[m]
+        fb, rb = collate([forget[i] for i in f_idx], device), collate([retain[i] for i in r_idx], device)
+        yield (_rows(fb, rows), _rows(rb, rows), f_idx[rows],
+               _share(fb, rows, f_idx, kinds[0]), _share(rb, rows, r_idx, kinds[1]))
+
+
+def _plan_pieces(model, grad_accum: int, batch_size: int, envs, env_batch_size: int, env_grad_batch: int | None):
+    """This rank's (micro-batch, rows) pieces of a step; a batch the ranks cannot split is refused now."""
+    for name in envs:
+        _my_rows(model, env_batch_size, f"'{name}' environment batch")
+        _my_rows(model, env_grad_batch or 0, f"'{name}' split-estimator batch")
+    return _my_pieces(model, grad_accum, batch_size, "unlearning micro-batch")
+
+
+def _checked_envs(method, forget, retain, envs, lam, env_grad_batch, stop_forget_nll) -> dict:
+    """unlearn's input checked (one ILUError per mistake); the environments to use (none when lam is 0)."""
+    if method not in METHODS:
+        raise ILUError(f"unknown unlearning method '{method}': choose one of {', '.join(METHODS)}")
+    if lam < 0:
+        raise ILUError(f"lam must be >= 0 (got {lam}): it weighs the invariance penalty")
+    if env_grad_batch is not None and env_grad_batch < 1:
+        raise ILUError(f"env_grad_batch must be >= 1 (got {env_grad_batch}), or None for the full estimator")
+    if stop_forget_nll is not None and method == "rmu":
+        raise ILUError("stop_forget_nll needs the forget set's token NLL, which RMU does not compute: "
+                       "use it with npo or graddiff")
+    if len(forget) == 0:
+        raise ILUError("the forget set is empty: give at least one forget example")
+    if len(retain) == 0:
+        raise ILUError("the retain set is empty: every method needs retain examples")
+    envs = {k: v for k, v in (envs or {}).items()} if lam > 0 else {}
+    for name, data in envs.items():
+        if len(data) == 0:
+            raise ILUError(f"the environment '{name}' is empty: give it examples or drop it")
+    return envs
+
+
+def _ilu_backward(model, envs, samplers, lam, env_batch_size, env_micro_batch, env_grad_batch, device) -> float:
+    """ILU: backpropagate lam * sum_e irm_penalty(batch of environment e); return the sum of penalties."""
+    irm = 0.0
+    for name, data in envs.items():
+        eb = collate([data[i] for i in samplers[name].take(env_batch_size)], device)
+        gb = collate([data[i] for i in samplers[name].take(env_grad_batch)], device) if env_grad_batch else None
+        irm += _irm_backward(model, eb, lam, env_micro_batch, gb)
+    return irm
 
 
 def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method: str = "npo",
@@ -781,36 +924,16 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
                   rmu_layer-2..rmu_layer (c = rmu_coeff, alpha = rmu_alpha; Zephyr-7B: 7, 6.5, 1200)
         + lam * sum_e irm_penalty(env batch e)   (ILU; lam in [0.1, 2], 48 examples per step)
 
-    forget, retain, envs' values: encoded examples (`encode_texts`, `encode_pairs`).
-    One optimizer step takes grad_accum micro-batches of batch_size forget and retain
-    examples (defaults 1 x 4, lr 1e-5, 10% warmup then linear decay: the NPO-on-WMDP
-    settings) and one batch of env_batch_size examples per environment, run in chunks of
-    env_micro_batch rows when memory is short. With env_grad_batch (the split estimator),
-    that batch only runs forward to give g, and the penalty's gradient comes from a further
-    env_grad_batch examples (see _irm_backward): cheaper, and unbiased. steps defaults to one pass over `forget`.
-    stop_forget_nll (NPO, GradDiff): end early, after the first step whose forget batch had a
-    mean answer-token NLL (nats, measured in that step's forward) of at least this value, so
-    that targets which unlearn faster or slower end equally unlearned (the lr schedule stays
-    that of `steps`). The model's parameters are updated in place. Returns one dict per step
-    with the logged values: step, forget, retain, irm, lr, ms, and forget_nll (NPO, GradDiff).
+    forget, retain, envs' values: encoded examples (`encode_texts`, `encode_pairs`). A step takes
+    grad_accum micro-batches of batch_size forget and retain examples (defaults 1 x 4, lr 1e-5, 10%
+    warmup then linear decay: NPO on WMDP) and env_batch_size examples per environment, in chunks of
+    env_micro_batch rows when memory is short; env_grad_batch: the split estimator (_irm_backward_in_pieces).
+    steps defaults to one pass over `forget`. stop_forget_nll (NPO, GradDiff): end after the first step
+    whose forget batch had a mean answer NLL of at least this many nats (the lr schedule stays that of
+    `steps`), so targets that unlearn at different speeds end equally unlearned. Updates the model in
+    place; returns one dict per step: step, forget, retain, irm, lr, ms, and forget_nll (NPO, GradDiff).
     """
-    if method not in METHODS:
-        raise ILUError(f"unknown unlearning method '{method}': choose one of {', '.join(METHODS)}")
-    if lam < 0:
-        raise ILUError(f"lam must be >= 0 (got {lam}): it weighs the invariance penalty")
-    if env_grad_batch is not None and env_grad_batch < 1:
-        raise ILUError(f"env_grad_batch must be >= 1 (got {env_grad_batch}), or None for the full estimator")
-    if stop_forget_nll is not None and method == "rmu":
-        raise ILUError("stop_forget_nll needs the forget set's token NLL, which RMU does not compute: "
-                       "use it with npo or graddiff")
-    if len(forget) == 0:
-        raise ILUError("the forget set is empty: give at least one forget example")
-    if len(retain) == 0:
-        raise ILUError("the retain set is empty: every method needs retain examples")
-    envs = {k: v for k, v in (envs or {}).items()} if lam > 0 else {}
-    for name, data in envs.items():
-        if len(data) == 0:
-            raise ILUError(f"the environment '{name}' is empty: give it examples or drop it")
+    envs = _checked_envs(method, forget, retain, envs, lam, env_grad_batch, stop_forget_nll)
     steps = steps or math.ceil(len(forget) / (batch_size * grad_accum))
     log = log or (tqdm.write if is_main() else (lambda line: None))
     device = _mine(next(model.parameters())).device
@@ -818,31 +941,11 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
     torch.manual_seed(seed)  # dropout, if the architecture has any
     f_sampler, r_sampler = _Sampler(len(forget), gen), _Sampler(len(retain), gen)
     e_samplers = {k: _Sampler(len(v), gen) for k, v in envs.items()}
-
-    _reshard(model)
     was_trainable = {n: p.requires_grad for n, p in model.named_parameters()}
-    if method == "npo":
-        ref = reference_logprobs(model, forget).to(device)    # pi_ref, cached once
-        _reshard(model)
-    if method == "rmu":
-        trained = [mlp_down_proj(decoder_layers(model)[i]).weight
-                   for i in range(max(0, rmu_layer - 2), rmu_layer + 1)]
-        ids = {id(w) for w in trained}
-        names = [n for n, p in model.named_parameters() if id(p) in ids]
-        frozen = {n: _mine(p).detach().clone() for n, p in model.named_parameters() if id(p) in ids}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in ids)
-        control = rmu_control_vector(model.config.hidden_size, rmu_coeff, seed).to(device)
-        params = trained
-        log(f"rmu: layer {rmu_layer}, training {', '.join(names)}")
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
+    terms, params, weight = _method(model, method, forget, device, beta, gamma, rmu_layer, rmu_coeff, rmu_alpha,
+                                    seed, log)
     opt = AdamWSR(params, lr=lr, weight_decay=weight_decay, seed=seed)
-    warm = int(warmup * steps)
-    pieces = _my_pieces(model, grad_accum, batch_size, "unlearning micro-batch")
-    for name in envs:
-        _my_rows(model, env_batch_size, f"'{name}' environment batch")
-        _my_rows(model, env_grad_batch or 0, f"'{name}' split-estimator batch")
+    pieces = _plan_pieces(model, grad_accum, batch_size, envs, env_batch_size, env_grad_batch)
     model.train()
     history = []
     bar = tqdm(range(steps), desc=f"unlearn {method}{' + ILU' if envs else ''}", disable=not progress or not is_main())
@@ -852,62 +955,21 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
             _reshard(model)
             f_sum = r_sum = nll_sum = nll_tokens = 0.0
             draws = [(f_sampler.take(batch_size), r_sampler.take(batch_size)) for _ in range(grad_accum)]
-            for m, rows in pieces:                         # all micro-batches; sharded: this rank's part
-                f_idx, r_idx = draws[m]
-                fb = collate([forget[i] for i in f_idx], device)
-                rb = collate([retain[i] for i in r_idx], device)
-                if method == "rmu":                        # L_RMU (rmu_loss), each term weighted by this rank's share
-                    f_share = float(fb["attention_mask"][rows].sum() / fb["attention_mask"].sum().clamp(min=1))
-                    r_share = float(rb["attention_mask"][rows].sum() / rb["attention_mask"].sum().clamp(min=1))
-                    fb, rb = _rows(fb, rows), _rows(rb, rows)
-                    h_f = hidden_at(model, rmu_layer, fb)
-                    h_r = hidden_at(model, rmu_layer, rb)
-                    with torch.no_grad():
-                        h_r0 = _hidden_at_frozen(model, rmu_layer, rb, frozen)
-                    f_term = masked_mse(h_f, control, fb["attention_mask"]) * f_share
-                    r_term = rmu_alpha * (masked_mse(h_r, h_r0, rb["attention_mask"]) * r_share)
-                    loss = f_term + r_term
-                else:
-                    f_share = (len(f_idx[rows]) / len(f_idx) if method == "npo"
-                               else _answer_tokens(fb["labels"][rows]) / max(_answer_tokens(fb["labels"]), 1))
-                    r_share = _answer_tokens(rb["labels"][rows]) / max(_answer_tokens(rb["labels"]), 1)
-                    fb, rb = _rows(fb, rows), _rows(rb, rows)
-                    f_logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
-                    tokens = _answer_tokens(fb["labels"])
-                    if method == "npo":
-                        logp = sequence_logprob(f_logits, fb["labels"])
-                        f_term = npo_loss(logp, ref[torch.tensor(f_idx[rows], device=device)], beta) * f_share
-                        nll_sum -= float(logp.detach().sum())
-                    else:
-                        nll = token_nll(f_logits, fb["labels"])
-                        f_term = -nll * f_share                          # gradient ascent
-                        nll_sum += float(nll.detach()) * tokens
-                    nll_tokens += tokens
-                    del f_logits
-                    r_logits = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
-                    r_term = token_nll(r_logits, rb["labels"]) * r_share
-                    del r_logits
-                    loss = f_term + gamma * r_term
-                (loss / grad_accum).backward()
-                f_sum += f_term.item() / grad_accum
-                r_sum += r_term.item() / grad_accum
+            for fb, rb, f_idx, f_share, r_share in _my_micro_batches(model, forget, retain, draws, pieces,
+                                                                     SHARE_OF[method], device):
+                f_term, r_term, nll = terms(fb, rb, f_idx)              # the method's loss, term by term
+                f_term, r_term = f_term * f_share, r_term * r_share     # this rank's part (one process: 1)
+                ((f_term + weight * r_term) / grad_accum).backward()
+                f_sum, r_sum = f_sum + f_term.item() / grad_accum, r_sum + r_term.item() / grad_accum
+                if nll is not None:
+                    nll_sum, nll_tokens = nll_sum + nll[0], nll_tokens + nll[1]
             f_sum, r_sum, nll_sum, nll_tokens = _sum_over_ranks(model, f_sum, r_sum, nll_sum, nll_tokens)
-            irm = 0.0
-            for name, data in envs.items():                            # ILU: lam * sum_e g_e^2
-                eb = collate([data[i] for i in e_samplers[name].take(env_batch_size)], device)
-                gb = (collate([data[i] for i in e_samplers[name].take(env_grad_batch)], device)
-                      if env_grad_batch else None)
-                irm += _irm_backward(model, eb, lam, env_micro_batch, gb)
+            irm = _ilu_backward(model, envs, e_samplers, lam, env_batch_size, env_micro_batch, env_grad_batch, device)
             if not all(math.isfinite(x) for x in (f_sum, r_sum, irm)):
                 raise ILUError(f"non-finite loss at step {step + 1} (forget {f_sum}, retain {r_sum}, "
                                f"irm {irm}): lower the learning rate or lam")
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            cur_lr = lr_at(step, steps, lr, warm)
-            for group in opt.param_groups:
-                group["lr"] = cur_lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            cur_lr = lr_at(step, steps, lr, int(warmup * steps))
+            clip_and_step(opt, params, max_grad_norm, cur_lr)
             ms = 1000 * (time.perf_counter() - t0)
             history.append(dict(step=step + 1, forget=f_sum, retain=r_sum, irm=irm, lr=cur_lr, ms=ms))
             if nll_tokens:
@@ -966,21 +1028,13 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
         step_loss = 0.0
         for _ in range(grad_accum):
             b = collate([data[i] for i in sampler.take(batch_size)], device)
-            share = _answer_tokens(b["labels"][mine]) / max(_answer_tokens(b["labels"]), 1)
-            b = _rows(b, mine)
-            loss = token_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                             b["labels"]) * share
+            loss = _nll(model, _rows(b, mine)) * _share(b, mine, [], "tokens")   # sharded: this rank's part
             (loss / grad_accum).backward()
             step_loss += loss.item() / grad_accum
         step_loss = _sum_over_ranks(model, step_loss)[0]
         if not math.isfinite(step_loss):
             raise ILUError(f"non-finite fine-tuning loss at step {step + 1}: lower the learning rate")
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, lr, warmup, decay=decay)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        clip_and_step(opt, list(model.parameters()), max_grad_norm, lr_at(step, total, lr, warmup, decay=decay))
         losses.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         done = step + 1
