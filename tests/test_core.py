@@ -165,6 +165,50 @@ def test_rmu_loss_masks_padding_and_matches_hand_computation():
     assert ilu.rmu_loss(h_f2, h_r, h_r0, control, fm, rm, alpha=10.0).item() == pytest.approx(got.item(), rel=1e-6)
 
 
+def test_each_methods_step_terms_add_up_to_its_published_loss():
+    # unlearn's per-method terms (forget, retain) against the loss functions tested above by hand:
+    # NPO: forget = npo_loss of the live log-probabilities; GradDiff: forget + gamma * retain = graddiff_loss;
+    # RMU: forget + retain = rmu_loss (alpha inside the retain term); the logged NLL is token_nll of the forget rows
+    model = tiny_llama(layers=3)
+    fb, rb = ilu.collate(token_texts(3, 3, 50, 9, 4)), ilu.collate(token_texts(3, 50, 97, 9, 5))
+
+    def logits(b):
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+    ref = torch.tensor([-30.0, -25.0, -28.0])
+    f, r, (nll_sum, tokens) = ilu._npo_terms(model, fb, rb, ref, beta=0.2)
+    logp = ilu.sequence_logprob(logits(fb), fb["labels"])
+    assert f.item() == pytest.approx(ilu.npo_loss(logp, ref, 0.2).item(), rel=1e-6)
+    assert r.item() == pytest.approx(ilu.token_nll(logits(rb), rb["labels"]).item(), rel=1e-6)
+    assert nll_sum / tokens == pytest.approx(ilu.token_nll(logits(fb), fb["labels"]).item(), rel=1e-5)
+    assert tokens == int((fb["labels"][:, 1:] != -100).sum())
+    f, r, (nll_sum, tokens) = ilu._graddiff_terms(model, fb, rb)
+    want = ilu.graddiff_loss(ilu.token_nll(logits(fb), fb["labels"]), ilu.token_nll(logits(rb), rb["labels"]), 0.5)
+    assert (f + 0.5 * r).item() == pytest.approx(want.item(), rel=1e-6)
+    frozen = {"model.layers.1.mlp.down_proj.weight": torch.zeros(32, 64)}
+    control = ilu.rmu_control_vector(32, 4.0, seed=3)
+    f, r, nll = ilu._rmu_terms(model, fb, rb, 1, control, frozen, alpha=7.0)
+    h_r0 = ilu.hidden_at(model, 1, rb, params=frozen)
+    want = ilu.rmu_loss(ilu.hidden_at(model, 1, fb), ilu.hidden_at(model, 1, rb), h_r0, control,
+                        fb["attention_mask"], rb["attention_mask"], alpha=7.0)
+    assert (f + r).item() == pytest.approx(want.item(), rel=1e-6) and nll is None
+
+
+@pytest.mark.parametrize("kind", ["rows", "tokens", "mask"])
+def test_rank_shares_of_a_micro_batch_add_up_to_one(kind):
+    # the sharded bookkeeping: the ranks' shares of each micro-batch, in what its term averages over, sum to 1
+    # (a hand count), and one process's share is exactly 1
+    b = ilu.collate(token_pairs(4, 1, prompt_len=5, answer_len=2)[:2] + token_texts(2, 3, 50, 9, 6))
+    idx = [7, 3, 5, 1]
+    counts = {"rows": [1, 1, 1, 1], "tokens": [2, 2, 8, 7], "mask": [7, 7, 9, 8]}[kind]
+    for world in (2, 4):
+        k = 4 // world
+        shares = [ilu._share(b, slice(r * k, r * k + k), idx, kind) for r in range(world)]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-6)          # RMU's mask share: an fp32 division
+        assert shares == pytest.approx([sum(counts[r * k:r * k + k]) / sum(counts) for r in range(world)])
+    assert ilu._share(b, slice(0, 4), idx, kind) == 1.0
+
+
 def test_rmu_step_changes_exactly_the_trained_down_projections(monkeypatch):
     model = tiny_llama(layers=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
