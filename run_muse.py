@@ -348,14 +348,14 @@ def main():
     import ilu
 
     model, tok, ev, forget, retain, tasks = runlib.setup(cfg, setup_full, setup_small if cfg.small else setup_tiny)
-    theta_o = ilu.state_of(model) if cfg.task_vectors else None
+    theta_o = ilu.state_of(model)                 # one snapshot: restoring and the task vectors
     controls = Path(cfg.control_from or cfg.out) / "tv" / "original"
     if cfg.control_from:
         borrow_control(cfg, results, tasks)
     runlib.model_stages(model, tok, cfg, results, tasks, forget, retain, lambda: evaluate(model, tok, ev, cfg),
                         lambda t, who: finetune_stage(model, tok, t, cfg, ev, results, f"{who}/finetune/{t}",
-                                                      theta_o, controls),
-                        metrics_line)
+                                                      theta_o if cfg.task_vectors else None, controls),
+                        metrics_line, theta_o)
     st = results.data["stages"]
     results.data["summary"] = {name: {k: v for k, v in e.items() if k in ("verbmem", "knowmem_forget",
                                                                          "knowmem_retain", "privleak", "fa")}

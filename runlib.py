@@ -309,17 +309,19 @@ def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Pat
                                    envs={e: len(d) for e, d in envs.items()}), start)
 
 
-def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, evaluate, finetune, show):
+def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, evaluate, finetune, show,
+                 theta_o=None):
     """The stages both runners share, each skipped when results already hold it:
     evaluate the original -> fine-tune it on each task (the control) -> unlearn (or reload the
     saved unlearned model) -> evaluate -> fine-tune the unlearned model on each task.
 
     evaluate() returns a metrics dict; finetune(task, who) runs and records the stage
     f"{who}/finetune/{task}" from the weights in the model; show(entry) formats a metrics line.
-    Returns CPU snapshots (theta_o, theta_u) of the original and unlearned weights.
+    Returns CPU snapshots (theta_o, theta_u) of the original and unlearned weights; theta_o: the
+    caller's snapshot of the weights as they are now, if it took one (else one is taken here).
     """
     out = Path(cfg.out)
-    theta_o = ilu.state_of(model)
+    theta_o = ilu.state_of(model) if theta_o is None else theta_o
     if not results.done("original"):
         start = time.perf_counter()
         results.record("original", evaluate(), start)
