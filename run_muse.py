@@ -36,7 +36,7 @@ from runlib import fail, h
 MUSE_TARGETS = {"news": "muse-bench/MUSE-news_target", "books": "muse-bench/MUSE-books_target"}
 TINY = dict(  # --tiny: sizes for 2 CPU cores (about 5 minutes with the target's training; see README)
     # NPO: the paper's retain weight gamma = 1. Over seeds 0-2 (each its own target) gamma 0.3 gave VerbMem
-    # 9.8-13.2 but kept 83-102% of retain KnowMem; gamma 1 gives 10.8-12.8 and keeps 98-103% (README).
+    # 9.8-13.2 but kept 83-102% of retain KnowMem; gamma 1 gives 10.8-12.8 and keeps 98-103% (docs/tiny_study.md).
     npo=dict(lr=5e-3), graddiff=dict(lr=5e-4), rmu=dict(lr=5e-3, rmu_layer=2, rmu_coeff=100.0, rmu_alpha=100.0),
     common=dict(steps=60, batch_size=16, grad_accum=1, max_length=256, env_batch_size=16, finetune_steps=40,
                 finetune_batch=8, finetune_lr=1e-4, fa_limit=200, verbmem_tokens=48, knowmem_tokens=16,

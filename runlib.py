@@ -95,11 +95,11 @@ class CommonConfig:
     env_batch_size: int = h("environment examples per unlearning step (paper: 48)", default=48)
     env_micro_batch: int = h("process the environment batch in chunks of this many rows; 0: all at once", default=0)
     env_grad_batch: int = h("split estimator: the env batch runs forward only for g, and the penalty's gradient "
-                            "comes from this many further examples (README 'Performance'); 0: full estimator",
+                            "comes from this many further examples (docs/performance.md); 0: full estimator",
                             default=0)
     model: str = h("target model: hub name, local folder, or smollm2-135m (prepared offline by "
                    "prepare_model.py); ignored with --tiny", default="")
-    data_dir: str = h("folder of local data copies (layout in README 'Data'); default: the hub", default=None)
+    data_dir: str = h("folder of local data copies (layout in docs/data_and_metrics.md); default: the hub", default=None)
     out: str = h("output folder: results.json, results.md, unlearned/", default="runs/out")
     seed: int = h("seed of sampling, fine-tuning order and RMU's control vector", default=0)
     tiny: bool = h("tiny target trained from scratch on CPU instead of --model", default=False)
@@ -133,8 +133,8 @@ class CommonConfig:
     tiny_hidden: int = h("--tiny: hidden size of the tiny Llama", default=128)
     tiny_layers: int = h("--tiny: layers of the tiny Llama", default=4)
     cpu_kernels: str = h("avx2: torch's and MKL's AVX2 kernels, so a CPU run gives the same numbers on every "
-                         "x86-64 machine with AVX2 and the same thread count; native: this CPU's fastest (README "
-                         "'Rerunning on other hardware')", default="avx2")
+                         "x86-64 machine with AVX2 and the same thread count; native: this CPU's fastest "
+                         "(docs/reproducibility.md)", default="avx2")
     dist_backend: str = h("under torchrun: the torch.distributed backend; empty: nccl with GPUs, gloo without",
                           default="")
     report: list = h("merge the results.json of these run folders (or folders holding them) into one table, in --out",
@@ -247,7 +247,7 @@ def start_run(cfg, extra_free=()):
     print(f"CPU kernels: {kernels}, {torch.get_num_threads()} threads")
     if cfg.cpu_kernels == "avx2" and kernels != "AVX2":
         print(f"note: --cpu-kernels avx2 could not apply here (torch uses {kernels}): the numbers of training "
-              f"runs will differ from the README's in their last digits (README 'Rerunning on other hardware')")
+              f"runs will differ from the README's in their last digits (docs/reproducibility.md)")
     free = {"out", "report", "eval_batch", "cache_dir", "dist_backend", *extra_free}
     results = Results(cfg.out, conf, [k for k in conf if k not in free])
     results.data["cpu"] = dict(kernels=kernels, threads=torch.get_num_threads(), torch=torch.__version__)
@@ -652,7 +652,7 @@ def _hub(name: str, config: str | None, split: str):
         return load_dataset(name, config, split=split)
     except Exception as e:  # network, gated repo, unknown config: one line, then exit 2 in the runners
         raise ilu.ILUError(f"cannot load {name} ({config or 'default'}, {split}) from the hub: {_first_line(e)}; "
-                           "offline, pass data_dir with local copies (README 'Data')") from None
+                           "offline, pass data_dir with local copies (docs/data_and_metrics.md)") from None
 
 
 def _local(data_dir, candidates: Sequence[str], what: str) -> Path:
