@@ -430,16 +430,94 @@ def lr_at(step: int, total: int, peak: float, warmup: int, decay: bool = True) -
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def clip_and_step(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], max_grad_norm: float | None,
-                  lr: float) -> None:
-    """One optimizer step at learning rate lr, after clipping the global gradient norm to
-    max_grad_norm (None or 0: no clipping); the gradients are cleared after it."""
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+LOW_MEMORY = ("8bit", "4bit", "full")
+
+
+class Updater:
+    """Turns one step's losses into one update of `params`, in one of two ways.
+
+    Default (low_memory None): each loss backpropagates as it comes (gradients accumulate over
+    micro-batches and environments); then the global gradient norm is clipped to max_grad_norm
+    and `AdamWSR` steps.
+
+    low_memory "8bit", "4bit" or "full": the step's losses are kept and backpropagate together,
+    once, and each parameter's own optimizer steps inside that backward the moment its gradient
+    is complete (`register_post_accumulate_grad_hook`; PyTorch's "optimizer step in backward",
+    torchtune's optimizer_in_bwd), which then frees it: the model's gradients never all exist
+    at once (7B, bf16: 13.5 GiB saved). The global norm would need them all, so each parameter's
+    gradient is clipped to max_grad_norm on its own norm instead (per-parameter clipping; off
+    with None). Moments: "8bit" / "4bit" are torchao's AdamW8bit / AdamW4bit (block-wise
+    quantized, 1 or 0.5 byte per value; bf16 weights written with stochastic rounding, as
+    AdamWSR does; a tensor under 4,096 values or not a whole number of blocks keeps full
+    moments); "full" is AdamWSR per parameter (to check the single backward against the
+    default). One process only: FSDP2 assigns sharded gradients itself, after the hooks.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, weight_decay: float = 0.0, seed: int = 0,
+                 max_grad_norm: float | None = 1.0, low_memory: str | None = None):
+        self.params, self.max_grad_norm, self.low_memory, self.pending = list(params), max_grad_norm, low_memory, []
+        if not low_memory:
+            self.opt = AdamWSR(self.params, lr=lr, weight_decay=weight_decay, seed=seed)
+            return
+        if low_memory not in LOW_MEMORY:
+            raise ILUError(f"unknown low-memory mode '{low_memory}': choose one of {', '.join(LOW_MEMORY)}")
+        if _distributed():
+            raise ILUError("the low-memory mode runs in one process: under torchrun, FSDP2 already shards the "
+                           "gradients and optimizer state; drop --low-memory")
+        make = _moments_optimizer(low_memory, lr, weight_decay, seed)
+        self.opts = {p: make(p) for p in self.params}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._step_one) for p in self.params]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate now (default), or keep the loss for the step's one backward."""
+        if self.low_memory:
+            self.pending.append(loss)
+        else:
+            loss.backward()
+
+    def step(self, lr: float) -> None:
+        """Update the parameters at learning rate lr; the gradients are cleared after it."""
+        if not self.low_memory:
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            return
+        self.lr, pending, self.pending = lr, self.pending, []
+        sum(pending).backward()                        # each parameter's optimizer steps in here
+
+    def _step_one(self, p: torch.Tensor) -> None:
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+        opt = self.opts[p]
+        for group in opt.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(self.lr)             # torchao keeps lr as a tensor
+            else:
+                group["lr"] = self.lr
+        opt.step()
+        p.grad = None
+
+    def close(self) -> None:
+        """Remove the in-backward hooks (the parameters train normally again)."""
+        for h in getattr(self, "hooks", []):
+            h.remove()
+        self.pending = []
+
+
+def _moments_optimizer(low_memory: str, lr: float, weight_decay: float, seed: int):
+    """A factory of one-parameter optimizers for the low-memory mode (see Updater)."""
+    if low_memory == "full":
+        return lambda p: AdamWSR([p], lr=lr, weight_decay=weight_decay, seed=seed)
+    try:
+        from torchao.optim import AdamW4bit, AdamW8bit      # optional: only the low-memory mode needs it
+    except ImportError:
+        raise ILUError(f"the low-memory mode '{low_memory}' needs torchao for its quantized moments: "
+                       "pip install torchao") from None
+    kind = AdamW8bit if low_memory == "8bit" else AdamW4bit
+    return lambda p: kind([p], lr=lr, weight_decay=weight_decay, bf16_stochastic_round=p.dtype == torch.bfloat16)
 
 
 # -----------------------------------------------------------------------------
@@ -721,23 +799,24 @@ def reference_logprobs(model, examples: Sequence[Mapping], batch_size: int = 8) 
 
 
 def _irm_backward(model, batch: Mapping[str, torch.Tensor], lam: float, micro: int | None,
-                  grad_batch: Mapping[str, torch.Tensor] | None = None) -> float:
+                  grad_batch: Mapping[str, torch.Tensor] | None = None, backward=torch.Tensor.backward) -> float:
     """Backpropagate lam * irm_penalty of one environment batch; return the penalty.
 
     One process, the whole batch in one forward: just that. In chunks of `micro` rows, with
     the split estimator (grad_batch) or on a sharded model: `_irm_backward_in_pieces`, which
-    gives the same gradient.
+    gives the same gradient. backward: what is done with each loss (`Updater.backward`).
     """
     if is_sharded(model) or grad_batch is not None or (micro and micro < batch["input_ids"].size(0)):
-        return _irm_backward_in_pieces(model, batch, lam, micro, grad_batch)
+        return _irm_backward_in_pieces(model, batch, lam, micro, grad_batch, backward)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     penalty = irm_penalty(logits, batch["labels"])
-    (lam * penalty).backward()
+    backward(lam * penalty)
     return penalty.item()
 
 
 def _irm_backward_in_pieces(model, batch: Mapping[str, torch.Tensor], lam: float, micro: int | None,
-                            grad_batch: Mapping[str, torch.Tensor] | None = None) -> float:
+                            grad_batch: Mapping[str, torch.Tensor] | None = None,
+                            backward=torch.Tensor.backward) -> float:
     """_irm_backward when the batch does not run in one forward on one process.
 
     With micro < batch rows, the batch is processed in chunks: g = (sum_c s_c) / N is a
@@ -767,7 +846,7 @@ def _irm_backward_in_pieces(model, batch: Mapping[str, torch.Tensor], lam: float
         s, _ = _irm_terms(logits_of(batch, rows), batch["labels"][rows])
         n = max(_answer_tokens(batch["labels"]), 1)
         g = _sum_over_ranks(model, s.item())[0] / n            # the global g, then squared
-        (lam * 2 * g * s / n).backward()
+        backward(lam * 2 * g * s / n)
         return g * g
     with torch.no_grad():                                      # g: forward only
         s = sum(_irm_terms(logits_of(batch, c), batch["labels"][c])[0] for c in chunks(batch))
@@ -776,7 +855,7 @@ def _irm_backward_in_pieces(model, batch: Mapping[str, torch.Tensor], lam: float
     n = max(_answer_tokens(target["labels"]), 1)
     for c in chunks(target):
         s, _ = _irm_terms(logits_of(target, c), target["labels"][c])
-        (lam * 2 * g * s / n).backward()
+        backward(lam * 2 * g * s / n)
     return g * g
 
 
@@ -896,13 +975,14 @@ def _checked_envs(method, forget, retain, envs, lam, env_grad_batch, stop_forget
     return envs
 
 
-def _ilu_backward(model, envs, samplers, lam, env_batch_size, env_micro_batch, env_grad_batch, device) -> float:
+def _ilu_backward(model, envs, samplers, lam, env_batch_size, env_micro_batch, env_grad_batch, device,
+                  backward) -> float:
     """ILU: backpropagate lam * sum_e irm_penalty(batch of environment e); return the sum of penalties."""
     irm = 0.0
     for name, data in envs.items():
         eb = collate([data[i] for i in samplers[name].take(env_batch_size)], device)
         gb = collate([data[i] for i in samplers[name].take(env_grad_batch)], device) if env_grad_batch else None
-        irm += _irm_backward(model, eb, lam, env_micro_batch, gb)
+        irm += _irm_backward(model, eb, lam, env_micro_batch, gb, backward)
     return irm
 
 
@@ -913,7 +993,7 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
             env_grad_batch: int | None = None, lr: float = 1e-5, warmup: float = 0.1, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, beta: float = 0.1, gamma: float = 1.0,
             rmu_layer: int = 7, rmu_coeff: float = 6.5, rmu_alpha: float = 1200.0,
-            stop_forget_nll: float | None = None,
+            stop_forget_nll: float | None = None, low_memory: str | None = None,
             seed: int = 0, progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
     """Unlearn `forget` while keeping `retain`, optionally with the ILU penalty over `envs`.
 
@@ -924,15 +1004,14 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
                   rmu_layer-2..rmu_layer (c = rmu_coeff, alpha = rmu_alpha; Zephyr-7B: 7, 6.5, 1200)
         + lam * sum_e irm_penalty(env batch e)   (ILU; lam in [0.1, 2], 48 examples per step)
 
-    forget, retain, envs' values: encoded examples (`encode_texts`, `encode_pairs`). A step takes
-    grad_accum micro-batches of batch_size forget and retain examples (defaults 1 x 4, lr 1e-5, 10%
-    warmup then linear decay: NPO on WMDP) and env_batch_size examples per environment, in chunks of
-    env_micro_batch rows when memory is short; env_grad_batch: the split estimator (_irm_backward_in_pieces).
-    steps defaults to one pass over `forget`. stop_forget_nll (NPO, GradDiff): end after the first step
-    whose forget batch had a mean answer NLL of at least this many nats (the lr schedule stays that of
-    `steps`), so targets that unlearn at different speeds end equally unlearned. Updates the model in
-    place; returns one dict per step: step, forget, retain, irm, lr, ms, and forget_nll (NPO, GradDiff).
-    """
+    forget, retain, envs' values: encoded examples (`encode_texts`, `encode_pairs`). A step: grad_accum
+    micro-batches of batch_size forget and retain examples (defaults 1 x 4, lr 1e-5, 10% warmup then linear
+    decay: NPO on WMDP; steps: one pass over `forget`) and env_batch_size examples per environment, in chunks
+    of env_micro_batch rows; env_grad_batch: the split estimator (_irm_backward_in_pieces). stop_forget_nll
+    (NPO, GradDiff): end after the first step whose forget batch had a mean answer NLL of at least this many
+    nats, the lr schedule still that of `steps`. low_memory: one backward per step, the optimizer inside it,
+    quantized moments (`Updater`). Updates the model in place; returns one dict per step: step, forget,
+    retain, irm, lr, ms, and forget_nll (NPO, GradDiff)."""
     envs = _checked_envs(method, forget, retain, envs, lam, env_grad_batch, stop_forget_nll)
     steps = steps or math.ceil(len(forget) / (batch_size * grad_accum))
     log = log or (tqdm.write if is_main() else (lambda line: None))
@@ -944,7 +1023,7 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
     was_trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     terms, params, weight = _method(model, method, forget, device, beta, gamma, rmu_layer, rmu_coeff, rmu_alpha,
                                     seed, log)
-    opt = AdamWSR(params, lr=lr, weight_decay=weight_decay, seed=seed)
+    opt = Updater(params, lr, weight_decay, seed, max_grad_norm, low_memory)
     pieces = _plan_pieces(model, grad_accum, batch_size, envs, env_batch_size, env_grad_batch)
     model.train()
     history = []
@@ -959,17 +1038,18 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
                                                                      SHARE_OF[method], device):
                 f_term, r_term, nll = terms(fb, rb, f_idx)              # the method's loss, term by term
                 f_term, r_term = f_term * f_share, r_term * r_share     # this rank's part (one process: 1)
-                ((f_term + weight * r_term) / grad_accum).backward()
+                opt.backward((f_term + weight * r_term) / grad_accum)
                 f_sum, r_sum = f_sum + f_term.item() / grad_accum, r_sum + r_term.item() / grad_accum
                 if nll is not None:
                     nll_sum, nll_tokens = nll_sum + nll[0], nll_tokens + nll[1]
             f_sum, r_sum, nll_sum, nll_tokens = _sum_over_ranks(model, f_sum, r_sum, nll_sum, nll_tokens)
-            irm = _ilu_backward(model, envs, e_samplers, lam, env_batch_size, env_micro_batch, env_grad_batch, device)
+            irm = _ilu_backward(model, envs, e_samplers, lam, env_batch_size, env_micro_batch, env_grad_batch, device,
+                                opt.backward)
             if not all(math.isfinite(x) for x in (f_sum, r_sum, irm)):
                 raise ILUError(f"non-finite loss at step {step + 1} (forget {f_sum}, retain {r_sum}, "
                                f"irm {irm}): lower the learning rate or lam")
             cur_lr = lr_at(step, steps, lr, int(warmup * steps))
-            clip_and_step(opt, params, max_grad_norm, cur_lr)
+            opt.step(cur_lr)
             ms = 1000 * (time.perf_counter() - t0)
             history.append(dict(step=step + 1, forget=f_sum, retain=r_sum, irm=irm, lr=cur_lr, ms=ms))
             if nll_tokens:
@@ -980,6 +1060,7 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
                 log(f"stop: the forget batch's NLL {nll_sum / nll_tokens:.3f} nats/token reached {stop_forget_nll}")
                 break
     finally:
+        opt.close()
         _reshard(model)
         for n, p in model.named_parameters():
             p.requires_grad_(was_trainable[n])
@@ -995,8 +1076,8 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
              grad_accum: int = 1, lr: float = 2e-5, warmup: int = 0, weight_decay: float = 0.0,
              max_grad_norm: float | None = 1.0, max_steps: int | None = None,
              hook: Callable[[int, float], None] | None = None, hook_steps: Iterable[int] = (),
-             hook_each_epoch: bool = True, decay: bool = False, seed: int = 0, progress: bool = True,
-             desc: str = "finetune") -> list[float]:
+             hook_each_epoch: bool = True, decay: bool = False, low_memory: str | None = None, seed: int = 0,
+             progress: bool = True, desc: str = "finetune") -> list[float]:
     """Full fine-tuning with plain NLL on the answer tokens: the downstream "attack".
 
     data: encoded prompt/answer pairs (`encode_pairs`). One step = grad_accum batches of
@@ -1004,7 +1085,8 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
     given (max_steps wins). lr is constant after `warmup` steps (or decays linearly to 0 with
     decay=True). hook(step, epoch) is called
     after each step listed in hook_steps and at the end of every epoch (hook_each_epoch),
-    so callers can evaluate along the way. Returns the loss of every step.
+    so callers can evaluate along the way. low_memory: as in `unlearn` (`Updater`). Returns the loss
+    of every step.
     """
     if len(data) == 0:
         raise ILUError("the fine-tuning set is empty")
@@ -1019,30 +1101,33 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
     _reshard(model)
     for p in model.parameters():
         p.requires_grad_(True)
-    opt = AdamWSR(model.parameters(), lr=lr, weight_decay=weight_decay, seed=seed)
+    opt = Updater(model.parameters(), lr, weight_decay, seed, max_grad_norm, low_memory)
     model.train()
     losses = []
     bar = tqdm(range(total), desc=desc, disable=not progress or not is_main())
-    for step in bar:
-        _reshard(model)
-        step_loss = 0.0
-        for _ in range(grad_accum):
-            b = collate([data[i] for i in sampler.take(batch_size)], device)
-            loss = _nll(model, _rows(b, mine)) * _share(b, mine, [], "tokens")   # sharded: this rank's part
-            (loss / grad_accum).backward()
-            step_loss += loss.item() / grad_accum
-        step_loss = _sum_over_ranks(model, step_loss)[0]
-        if not math.isfinite(step_loss):
-            raise ILUError(f"non-finite fine-tuning loss at step {step + 1}: lower the learning rate")
-        clip_and_step(opt, list(model.parameters()), max_grad_norm, lr_at(step, total, lr, warmup, decay=decay))
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        done = step + 1
-        if hook and (done in hook_steps or (hook_each_epoch and (done % per_epoch == 0 or done == total))):
-            model.eval()
-            hook(done, done / per_epoch)
-            model.train()
-    model.eval()
+    try:
+        for step in bar:
+            _reshard(model)
+            step_loss = 0.0
+            for _ in range(grad_accum):
+                b = collate([data[i] for i in sampler.take(batch_size)], device)
+                loss = _nll(model, _rows(b, mine)) * _share(b, mine, [], "tokens")   # sharded: this rank's part
+                opt.backward(loss / grad_accum)
+                step_loss += loss.item() / grad_accum
+            step_loss = _sum_over_ranks(model, step_loss)[0]
+            if not math.isfinite(step_loss):
+                raise ILUError(f"non-finite fine-tuning loss at step {step + 1}: lower the learning rate")
+            opt.step(lr_at(step, total, lr, warmup, decay=decay))
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            done = step + 1
+            if hook and (done in hook_steps or (hook_each_epoch and (done % per_epoch == 0 or done == total))):
+                model.eval()
+                hook(done, done / per_epoch)
+                model.train()
+    finally:
+        opt.close()
+        model.eval()
     return losses
 
 

@@ -223,7 +223,7 @@ def finetune_stage(model, tok, task, cfg, ev, results, name, theta_o=None, contr
     total, _ = runlib.finetune_steps(cfg, len(data))
     start = time.perf_counter()
     losses = ilu.finetune(model, data, max_steps=total, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
-                          hook_each_epoch=False, seed=cfg.seed, desc=name)
+                          hook_each_epoch=False, low_memory=cfg.low_memory or None, seed=cfg.seed, desc=name)
     entry = dict(task=task, steps=total, train_examples=len(data), fa_examples=len(test), **evaluate(model, tok, ev, cfg),
                  fa=ilu.task_accuracy(model, tok, test, batch_size=cfg.eval_batch),
                  loss_first=losses[0], loss_last=losses[-1])
@@ -303,7 +303,8 @@ def report(cfg: Config):
 
 CONTROL_KEYS = ("model", "seed", "corpus", "tiny", "small", "small_epochs", "small_lr", "data_dir", "cpu_kernels",
                 "finetune_steps", "finetune_epochs", "finetune_batch", "finetune_lr", "fa_limit", "max_length",
-                "verbmem_tokens", "knowmem_tokens", "icl_shots", "privleak_tokens", "eval_limit", "task_vectors")
+                "verbmem_tokens", "knowmem_tokens", "icl_shots", "privleak_tokens", "eval_limit", "task_vectors",
+                "low_memory")
 
 
 def borrow_control(cfg: Config, results: runlib.Results, tasks: list[str]):
@@ -317,7 +318,7 @@ def borrow_control(cfg: Config, results: runlib.Results, tasks: list[str]):
     other = json.loads(path.read_text())
     mine = results.data["config"]
     keys = CONTROL_KEYS + tuple(k for k in mine if k.startswith("tiny_"))
-    differ = [k for k in keys if other["config"].get(k) != mine.get(k)]
+    differ = [k for k in keys if not runlib.same_setting(other["config"], mine, k)]
     if differ:
         fail(f"--control-from {cfg.control_from} was run with different {', '.join(differ[:3])}: "
              "it cannot serve as this run's control")

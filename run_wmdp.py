@@ -162,7 +162,7 @@ def finetune_stage(model, tok, task, cfg, qs, results, name, save_to=None):
     start = time.perf_counter()
     losses = ilu.finetune(model, data, max_steps=total, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
                           hook=hook, hook_steps=points, hook_each_epoch=total / per_epoch <= 10,
-                          seed=cfg.seed, desc=f"{name}")
+                          low_memory=cfg.low_memory or None, seed=cfg.seed, desc=f"{name}")
     curve = list({c["step"]: c for c in curve}.values())          # an epoch end may repeat a point
     fq_at = {c["step"]: c["fq"] for c in curve}
     entry = dict(task=task, steps=total, epochs=round(total / per_epoch, 3), train_examples=len(data),
@@ -334,7 +334,8 @@ def main():
         before = ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)
         data = runlib.encode(tok, sample, cfg.max_length)
         ilu.finetune(model, data, epochs=cfg.relearn_epochs, batch_size=min(cfg.finetune_batch, len(data)),
-                     lr=cfg.relearn_lr, seed=cfg.seed, hook_each_epoch=False, desc="relearn")
+                     lr=cfg.relearn_lr, seed=cfg.seed, hook_each_epoch=False, low_memory=cfg.low_memory or None,
+                     desc="relearn")
         after = ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)
         results.record("relearn", dict(samples=len(sample), eval_questions=len(held_out),
                                        fq_before=ilu.forget_quality(before), fq_after=ilu.forget_quality(after)), start)

@@ -116,6 +116,10 @@ class CommonConfig:
     rmu_alpha: float = h("RMU retain weight alpha (Zephyr-7B: 1200)", default=1200.0)
     stop_forget_nll: float = h("NPO/GradDiff: end unlearning after the first step whose forget batch has a mean "
                                "answer-token NLL of at least this many nats; 0: run all --steps", default=0.0)
+    low_memory: str = h("one GPU in less memory, for unlearning and the fine-tuning attack: one backward per step "
+                        "with each parameter's optimizer stepping inside it, moments in 8bit or 4bit (torchao), or "
+                        "full (AdamWSR's, to compare); gradients clipped per parameter (README 'Memory'); empty: off",
+                        default="")
     # fine-tuning attack
     finetune_on: list = h("downstream fine-tuning sets", default_factory=lambda: list(TASK_NAMES))
     finetune_steps: int = h("fine-tuning steps per task (follow-up paper: 250)", default=250)
@@ -293,7 +297,7 @@ def unlearn_args(cfg) -> dict:
                 env_micro_batch=cfg.env_micro_batch or None, env_grad_batch=cfg.env_grad_batch or None,
                 lr=cfg.lr, beta=cfg.beta, gamma=cfg.gamma, rmu_layer=cfg.rmu_layer, rmu_coeff=cfg.rmu_coeff,
                 rmu_alpha=cfg.rmu_alpha, max_grad_norm=None if cfg.method == "rmu" else 1.0,
-                stop_forget_nll=cfg.stop_forget_nll or None, seed=cfg.seed)
+                stop_forget_nll=cfg.stop_forget_nll or None, low_memory=cfg.low_memory or None, seed=cfg.seed)
 
 
 def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path):
@@ -381,6 +385,14 @@ def load_reports(folders: list[str]) -> list[dict]:
 
 # -- results: one JSON file, written atomically after every stage ----------------------------
 
+def same_setting(saved: dict, config: dict, key: str) -> bool:
+    """Whether a saved run's config and this one agree on `key`. A key the saved run predates counts
+    as off: a flag added later and left at its off value matches the runs made before it."""
+    if key not in saved:
+        return config.get(key) in (None, "", False, 0, [])
+    return saved[key] == config.get(key)
+
+
 class Results:
     """OUT/results.json = {"config": ..., "stages": {name: entry}, "summary": ...}.
 
@@ -397,7 +409,7 @@ class Results:
                 old = json.loads(self.path.read_text())
             except json.JSONDecodeError:
                 fail(f"{self.path} is not valid JSON: move it away or choose another --out")
-            changed = [k for k in resume_keys if old.get("config", {}).get(k) != config.get(k)]
+            changed = [k for k in resume_keys if not same_setting(old.get("config", {}), config, k)]
             if changed:
                 more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
                 fail(f"{self.path} holds a run with different {', '.join(changed[:3])}{more}: choose another --out")

@@ -183,7 +183,8 @@ def npo_step(model, fb, rb, ref):
 def trace_table(args):
     """The traced peak memory of every stage, by category, beside the README's arithmetic plan."""
     S, G = SIZES[args.size], memtrace.GiB
-    stages = memtrace.stages(S["model"]["vocab_size"], **TRACE[args.size])
+    stages = {k: v for k, v in memtrace.stages(S["model"]["vocab_size"], **TRACE[args.size]).items()
+              if not args.only or any(o in k for o in args.only)}
     answer = TRACE[args.size].get("env_len", 256) // 2
     cfg = dict(S["model"])
     print(f"bench.py --size {args.size} --trace: Mistral shape, bf16, gradient "
@@ -222,6 +223,8 @@ def main():
                     help="also the peak-memory rows of whole steps (always on with cuda; GPU memory only)")
     ap.add_argument("--trace", action="store_true",
                     help="instead: trace each stage's peak memory on the CPU without allocating it (memtrace.py)")
+    ap.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                    help="--trace: only the stages whose name contains one of these (e.g. 'low memory')")
     ap.add_argument("--out", default="", help="also write the table (markdown) to this file")
     args = ap.parse_args()
     if args.trace:

@@ -13,8 +13,9 @@ A fake tensor has no values, so three reads that depend on data are answered oth
 (`traceable`): the sampler draws its order with real tensors; the IRM penalty's answer
 positions (a boolean mask, whose number of rows depends on the labels) follow from the
 traced data, whose environment rows all end in the same number of answer tokens, and the
-same (N, V) rows are taken by index; a logged scalar (`.item()`) reads 0. The rest is
-ilu's code as it runs. `test_trace_matches_real_allocations` checks the traced peaks
+same (N, V) rows are taken by index; a logged scalar (`.item()`) reads 0. And torch.compile,
+which cannot run under the tracker's dispatch mode, runs its function eagerly (torchao's
+low-bit optimizer step: the same tensors, unfused). The rest is ilu's code as it runs. `test_trace_matches_real_allocations` checks the traced peaks
 against the same stages run with real tensors at micro scale.
 """
 from __future__ import annotations
@@ -81,13 +82,17 @@ def traceable(answer_tokens: int):
     def zero_if_fake(real, zero):                             # a logged scalar of a fake tensor reads 0
         return lambda self: zero if isinstance(self, FakeTensor) else real(self)
 
-    ilu._irm_terms, ilu._Sampler.take = rows_irm_terms, real_take
+    def eager(fn=None, **kwargs):                             # torch.compile refuses to run under a dispatch
+        return fn if fn is not None else (lambda f: f)        # mode: torchao's optimizer step runs eagerly
+
+    ilu._irm_terms, ilu._Sampler.take, compile_ = rows_irm_terms, real_take, torch.compile
+    torch.compile = eager
     for name, (real, zero) in scalars.items():
         setattr(torch.Tensor, name, zero_if_fake(real, zero))
     try:
         yield
     finally:
-        ilu._irm_terms, ilu._Sampler.take = irm_terms, take
+        ilu._irm_terms, ilu._Sampler.take, torch.compile = irm_terms, take, compile_
         for name, (real, _) in scalars.items():
             setattr(torch.Tensor, name, real)
 
@@ -136,14 +141,17 @@ def rows(n, length, vocab, answer=None, seed=0):
 
 def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, rmu_layer: int = 7,
            finetune_batch: int = 32, finetune_len: int = 256, eval_batch: int = 16, eval_len: int = 1024,
-           gen_batch: int = 8, gen_len: int = 2048, gen_tokens: int = 4, grad_accum: int = 4) -> dict:
+           gen_batch: int = 8, gen_len: int = 2048, gen_tokens: int = 4, grad_accum: int = 4,
+           low_memory_accum: int = 4) -> dict:
     """{name: stage(model)} for what the runners do, at the paper's settings by default:
     NPO 1 x 4 sequences of `seq` tokens per step, ILU 48 GSM8K examples of env_len tokens
     (half of them answer), RMU 4 x rmu_seq at layer 7, the fine-tuning attack at batch 32,
     MC evaluation batches of eval_batch prompts, MUSE generation from gen_batch prompts.
     grad_accum: NPO's micro-batches per step (paper: 4). From the second one on, each repeats
     the same memory pattern over gradients that already exist, so 2 gives the peak of 4 in
-    half the trace time (`test_peak_does_not_grow_past_two_micro_batches`)."""
+    half the trace time (`test_peak_does_not_grow_past_two_micro_batches`). The low-memory rows
+    (`ilu.Updater`) run low_memory_accum micro-batches (paper: 4), all of them: in one backward
+    their graphs coexist. The "24 GB plan" row: 4-bit moments and the split estimator (8)."""
     forget, retain = rows(4, seq, vocab, seed=1), rows(4, seq, vocab, seed=2)
     env = {"gsm8k": rows(48 + 8, env_len, vocab, answer=env_len // 2, seed=3)}
     npo = dict(method="npo", steps=2, batch_size=1, grad_accum=grad_accum, env_batch_size=48, progress=False,
@@ -152,6 +160,7 @@ def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, 
                progress=False, log=lambda s: None)
     f_rmu, r_rmu = rows(4, rmu_seq, vocab, seed=4), rows(4, rmu_seq, vocab, seed=5)
     pairs = rows(finetune_batch, finetune_len, vocab, answer=finetune_len // 2, seed=6)
+    low = dict(npo, grad_accum=low_memory_accum, low_memory="8bit")     # one backward a step, 8-bit moments
 
     def mc_eval(model):            # mc_accuracy's one-forward path: a batch of prompts, no grad
         with torch.no_grad():
@@ -180,6 +189,17 @@ def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, 
         f"fine-tuning attack (batch {finetune_batch})": lambda m: ilu.finetune(m, pairs, max_steps=2,
                                                                               batch_size=finetune_batch,
                                                                               progress=False),
+        "low memory, 8-bit moments: NPO + ILU(GSM8K)": lambda m: ilu.unlearn(m, forget, retain, envs=env, lam=1.0,
+                                                                            **low),
+        "low memory, 8-bit moments: NPO": lambda m: ilu.unlearn(m, forget, retain, envs={}, lam=0.0, **low),
+        "low memory, 8-bit moments: GradDiff": lambda m: ilu.unlearn(m, forget, retain, envs={}, lam=0.0,
+                                                                    **dict(low, method="graddiff")),
+        f"low memory, 8-bit moments: fine-tuning attack (batch {finetune_batch})":
+            lambda m: ilu.finetune(m, pairs, max_steps=2, batch_size=finetune_batch, low_memory="8bit",
+                                   progress=False),
+        "24 GB plan, 4-bit moments: NPO + ILU(GSM8K), split estimator (8)":
+            lambda m: ilu.unlearn(m, forget, retain, envs=env, lam=1.0, env_grad_batch=8,
+                                  **dict(low, low_memory="4bit")),
         f"WMDP/MMLU evaluation ({eval_batch} x {eval_len} tokens)": mc_eval,
         f"MUSE generation ({gen_batch} x {gen_len} tokens)": muse_generation,
     }

@@ -16,7 +16,11 @@ STAGES = memtrace.stages(512, seq=32, env_len=16, rmu_seq=16, rmu_layer=1, finet
 TOLERANCE = 0.03   # of the real peak: fake tensors of the real inputs and index tensors differ a little
 
 
-@pytest.mark.parametrize("name", list(STAGES))
+# the low-memory rows differ from one another only by method or by the optimizer's bits: two of them stand for all
+CHECKED = [n for n in STAGES if not n.startswith("low memory") or n.endswith("NPO + ILU(GSM8K)")]
+
+
+@pytest.mark.parametrize("name", CHECKED)
 def test_trace_matches_real_allocations(name):
     fake = memtrace.trace(STAGES[name], MICRO, fake=True, answer_tokens=8)
     real = memtrace.trace(STAGES[name], MICRO, fake=False, answer_tokens=8)
