@@ -24,6 +24,9 @@ benchmarks/tutorial_reference.json by --save-reference):
     python benchmarks/tutorial_tables.py --data-dir ../shared/data --seeds 0 --out runs/rerun \
         --check benchmarks/tutorial_reference.json
 
+With --flags, the same check says how far a variant of the runs lands from the tutorial's seeds, e.g. the
+low-memory mode: --flags '--low-memory 8bit' --out runs/tutorial-8bit.
+
 With the runners' default --cpu-kernels avx2, an x86-64 CPU with AVX2 is expected to give the
 reference's seed-0 figures exactly; the check counts those. Each figure is also 'in range' (within
 the reference seeds' min–max), 'in 95% PI' (the 95% prediction interval for one more seed,
@@ -36,6 +39,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -64,8 +68,8 @@ def run(name: str, seed: int, args, times: dict, times_path: Path):
     key = f"{name}/seed{seed}"
     if complete(out) and key in times:
         return
-    cmd = [sys.executable, script, *extra, "--seed", str(seed), "--data-dir", args.data_dir, "--out", str(out),
-           "--cache-dir", args.cache_dir or str(Path(args.out) / "cache")]
+    cmd = [sys.executable, script, *extra, *shlex.split(args.flags), "--seed", str(seed), "--data-dir", args.data_dir,
+           "--out", str(out), "--cache-dir", args.cache_dir or str(Path(args.out) / "cache")]
     print(f"{key}: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -249,6 +253,9 @@ def main():
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--report", action="store_true", help="only render the tables from the saved runs")
+    ap.add_argument("--flags", default="", metavar="'FLAGS'",
+                    help="more runner flags for every run, e.g. '--low-memory 8bit' (checked against the reference: "
+                         "how far the variant lands from the tutorial's seeds)")
     ap.add_argument("--check", default="", metavar="REFERENCE.json",
                     help="compare every figure of these runs with a reference's spread over its seeds "
                          "(e.g. benchmarks/tutorial_reference.json, the README's tables); exit 1 if more land outside "
