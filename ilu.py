@@ -464,8 +464,8 @@ class Updater:
         if _distributed():
             raise ILUError("the low-memory mode runs in one process: under torchrun, FSDP2 already shards the "
                            "gradients and optimizer state; drop --low-memory")
-        make = _moments_optimizer(low_memory, lr, weight_decay, seed)
-        self.opts = {p: make(p) for p in self.params}
+        make = _moments_optimizer(low_memory, lr, weight_decay)
+        self.opts = {p: make(p, seed + i) for i, p in enumerate(self.params)}   # AdamWSR: own rounding noise
         self.hooks = [p.register_post_accumulate_grad_hook(self._step_one) for p in self.params]
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -507,17 +507,17 @@ class Updater:
         self.pending = []
 
 
-def _moments_optimizer(low_memory: str, lr: float, weight_decay: float, seed: int):
-    """A factory of one-parameter optimizers for the low-memory mode (see Updater)."""
+def _moments_optimizer(low_memory: str, lr: float, weight_decay: float):
+    """make(parameter, seed): a one-parameter optimizer for the low-memory mode (see Updater)."""
     if low_memory == "full":
-        return lambda p: AdamWSR([p], lr=lr, weight_decay=weight_decay, seed=seed)
+        return lambda p, seed: AdamWSR([p], lr=lr, weight_decay=weight_decay, seed=seed)
     try:
         from torchao.optim import AdamW4bit, AdamW8bit      # optional: only the low-memory mode needs it
     except ImportError:
         raise ILUError(f"the low-memory mode '{low_memory}' needs torchao for its quantized moments: "
                        "pip install torchao") from None
     kind = AdamW8bit if low_memory == "8bit" else AdamW4bit
-    return lambda p: kind([p], lr=lr, weight_decay=weight_decay, bf16_stochastic_round=p.dtype == torch.bfloat16)
+    return lambda p, seed: kind([p], lr=lr, weight_decay=weight_decay, bf16_stochastic_round=p.dtype == torch.bfloat16)
 
 
 # -----------------------------------------------------------------------------
