@@ -45,8 +45,8 @@ RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
              "continuation fades only after a 10× larger drop in log-likelihood (base stops at forget NLL ≈ 0.5), "
              "and twice the steps at twice the lr (40 at 1e-4)",
              ["--beta", "0.01", "--lr", "1e-4", "--steps", "40"]),
-    "strong-ft": ("the base unlearning, a stronger attack: 40 fine-tuning steps at lr 5e-5",
-                  ["--finetune-lr", "5e-5"]),
+    "strong-ft": ("deep's unlearning, a stronger attack: 40 fine-tuning steps at lr 5e-5 instead of 2e-5",
+                  ["--beta", "0.01", "--lr", "1e-4", "--steps", "40", "--finetune-lr", "5e-5"]),
 }
 
 
