@@ -151,7 +151,7 @@ def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, 
     the same memory pattern over gradients that already exist, so 2 gives the peak of 4 in
     half the trace time (`test_peak_does_not_grow_past_two_micro_batches`). The low-memory rows
     (`ilu.Updater`) run low_memory_accum micro-batches (paper: 4), all of them: in one backward
-    their graphs coexist. The "24 GB plan" row: 4-bit moments and the split estimator (8)."""
+    their graphs coexist."""
     forget, retain = rows(4, seq, vocab, seed=1), rows(4, seq, vocab, seed=2)
     env = {"gsm8k": rows(48 + 8, env_len, vocab, answer=env_len // 2, seed=3)}
     npo = dict(method="npo", steps=2, batch_size=1, grad_accum=grad_accum, env_batch_size=48, progress=False,
@@ -197,9 +197,8 @@ def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, 
         f"low memory, 8-bit moments: fine-tuning attack (batch {finetune_batch})":
             lambda m: ilu.finetune(m, pairs, max_steps=2, batch_size=finetune_batch, low_memory="8bit",
                                    progress=False),
-        "24 GB plan, 4-bit moments: NPO + ILU(GSM8K), split estimator (8)":
-            lambda m: ilu.unlearn(m, forget, retain, envs=env, lam=1.0, env_grad_batch=8,
-                                  **dict(low, low_memory="4bit")),
+        "low memory, 4-bit moments: NPO + ILU(GSM8K)":
+            lambda m: ilu.unlearn(m, forget, retain, envs=env, lam=1.0, **dict(low, low_memory="4bit")),
         f"WMDP/MMLU evaluation ({eval_batch} x {eval_len} tokens)": mc_eval,
         f"MUSE generation ({gen_batch} x {gen_len} tokens)": muse_generation,
     }
