@@ -480,8 +480,7 @@ class Updater:
         if not self.low_memory:
             if self.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
+            _set_lr(self.opt, lr)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             return
@@ -492,11 +491,7 @@ class Updater:
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         opt = self.opts[p]
-        for group in opt.param_groups:
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(self.lr)             # torchao keeps lr as a tensor
-            else:
-                group["lr"] = self.lr
+        _set_lr(opt, self.lr)
         opt.step()
         p.grad = None
 
@@ -505,6 +500,14 @@ class Updater:
         for h in getattr(self, "hooks", []):
             h.remove()
         self.pending = []
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)                      # torchao keeps lr as a tensor
+        else:
+            group["lr"] = lr
 
 
 def _moments_optimizer(low_memory: str, lr: float, weight_decay: float):
