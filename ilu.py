@@ -444,7 +444,7 @@ class Updater:
     once, and each parameter's own optimizer steps inside that backward the moment its gradient
     is complete (`register_post_accumulate_grad_hook`; PyTorch's "optimizer step in backward",
     torchtune's optimizer_in_bwd), which then frees it: the model's gradients never all exist
-    at once (7B, bf16: 13.5 GiB saved). The global norm would need them all, so each parameter's
+    at once (7B, bf16: 13.5 GiB saved) when the step has one forward (`_one_forward`). The global norm would need them all, so each parameter's
     gradient is clipped to max_grad_norm on its own norm instead (per-parameter clipping; off
     with None). Moments: "8bit" / "4bit" are torchao's AdamW8bit / AdamW4bit (block-wise
     quantized, 1 or 0.5 byte per value; bf16 weights written with stochastic rounding, as
@@ -802,24 +802,28 @@ def reference_logprobs(model, examples: Sequence[Mapping], batch_size: int = 8) 
 
 
 def _irm_backward(model, batch: Mapping[str, torch.Tensor], lam: float, micro: int | None,
-                  grad_batch: Mapping[str, torch.Tensor] | None = None, backward=torch.Tensor.backward) -> float:
+                  grad_batch: Mapping[str, torch.Tensor] | None = None, backward=torch.Tensor.backward,
+                  forward: Callable | None = None) -> float:
     """Backpropagate lam * irm_penalty of one environment batch; return the penalty.
 
     One process, the whole batch in one forward: just that. In chunks of `micro` rows, with
     the split estimator (grad_batch) or on a sharded model: `_irm_backward_in_pieces`, which
     gives the same gradient. backward: what is done with each loss (`Updater.backward`).
+    forward: the low-memory step's one forward (`_one_forward`), which holds the rows that
+    take a gradient (batch, or grad_batch); micro then only chunks the split estimator's
+    forward-only pass.
     """
-    if is_sharded(model) or grad_batch is not None or (micro and micro < batch["input_ids"].size(0)):
-        return _irm_backward_in_pieces(model, batch, lam, micro, grad_batch, backward)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    penalty = irm_penalty(logits, batch["labels"])
+    if grad_batch is not None or (forward is None and (is_sharded(model) or
+                                                       (micro and micro < batch["input_ids"].size(0)))):
+        return _irm_backward_in_pieces(model, batch, lam, micro, grad_batch, backward, forward)
+    penalty = irm_penalty((forward or _forward(model))(batch), batch["labels"])
     backward(lam * penalty)
     return penalty.item()
 
 
 def _irm_backward_in_pieces(model, batch: Mapping[str, torch.Tensor], lam: float, micro: int | None,
                             grad_batch: Mapping[str, torch.Tensor] | None = None,
-                            backward=torch.Tensor.backward) -> float:
+                            backward=torch.Tensor.backward, forward: Callable | None = None) -> float:
     """_irm_backward when the batch does not run in one forward on one process.
 
     With micro < batch rows, the batch is processed in chunks: g = (sum_c s_c) / N is a
@@ -856,6 +860,9 @@ def _irm_backward_in_pieces(model, batch: Mapping[str, torch.Tensor], lam: float
     g = _sum_over_ranks(model, float(s))[0] / max(_answer_tokens(batch["labels"]), 1)
     target = batch if grad_batch is None else grad_batch
     n = max(_answer_tokens(target["labels"]), 1)
+    if forward is not None:                                    # low memory: its rows are in the step's forward
+        backward(lam * 2 * g * _irm_terms(forward(target), target["labels"])[0] / n)
+        return g * g
     for c in chunks(target):
         s, _ = _irm_terms(logits_of(target, c), target["labels"][c])
         backward(lam * 2 * g * s / n)
@@ -868,24 +875,27 @@ METHODS = ("npo", "rmu", "graddiff")
 # forget rows' summed answer NLL and their answer tokens. The step adds them as
 # forget + weight * retain (weight: gamma for NPO and GradDiff; RMU's alpha is in its retain term).
 
-def _nll(model, b: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return token_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+def _forward(model) -> Callable:
+    """forward(b): the logits (B, T, V) of a collated batch b, one forward of the model."""
+    return lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
 
 
-def _npo_terms(model, fb, rb, ref_logp: torch.Tensor, beta: float):
+def _nll(forward: Callable, b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return token_nll(forward(b), b["labels"])
+
+
+def _npo_terms(forward: Callable, fb, rb, ref_logp: torch.Tensor, beta: float):
     """L_NPO(forget) (npo_loss: -(2/beta) E log sigmoid(-beta log pi/pi_ref)) and NLL(retain)."""
-    logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits   # (B, T, V)
-    logp = sequence_logprob(logits, fb["labels"])                                          # (B,) log pi(y|x)
-    del logits
+    logp = sequence_logprob(forward(fb), fb["labels"])                                     # (B,) log pi(y|x)
     forget = npo_loss(logp, ref_logp, beta)
-    return forget, _nll(model, rb), (-float(logp.detach().sum()), _answer_tokens(fb["labels"]))
+    return forget, _nll(forward, rb), (-float(logp.detach().sum()), _answer_tokens(fb["labels"]))
 
 
-def _graddiff_terms(model, fb, rb):
+def _graddiff_terms(forward: Callable, fb, rb):
     """-NLL(forget) (gradient ascent) and NLL(retain): graddiff_loss, term by term."""
-    nll = _nll(model, fb)
+    nll = _nll(forward, fb)
     tokens = _answer_tokens(fb["labels"])
-    return -nll, _nll(model, rb), (float(nll.detach()) * tokens, tokens)
+    return -nll, _nll(forward, rb), (float(nll.detach()) * tokens, tokens)
 
 
 def _rmu_terms(model, fb, rb, layer: int, control: torch.Tensor, frozen: Mapping, alpha: float):
@@ -897,16 +907,16 @@ def _rmu_terms(model, fb, rb, layer: int, control: torch.Tensor, frozen: Mapping
 
 def _method(model, method: str, forget: Sequence[Mapping], device, beta: float, gamma: float, rmu_layer: int,
             rmu_coeff: float, rmu_alpha: float, seed: int, log: Callable[[str], None]):
-    """(terms, trained parameters, retain weight) of a method; terms(forget rows, retain rows,
-    forget indices) gives its two terms. NPO caches log pi_ref of every forget example (the
+    """(terms, trained parameters, retain weight) of a method; terms(forward, forget rows, retain rows,
+    forget indices) gives its two terms (RMU runs the model itself: it needs hidden states). NPO caches log pi_ref of every forget example (the
     reference model never changes); RMU trains only the down-projections of layers l-2..l."""
     _reshard(model)
     if method == "npo":
         ref = reference_logprobs(model, forget).to(device)    # pi_ref, cached once
         _reshard(model)
-        terms = lambda fb, rb, idx: _npo_terms(model, fb, rb, ref[torch.tensor(idx, device=device)], beta)  # noqa: E731
+        terms = lambda fwd, fb, rb, idx: _npo_terms(fwd, fb, rb, ref[torch.tensor(idx, device=device)], beta)  # noqa: E731
     elif method == "graddiff":
-        terms = lambda fb, rb, idx: _graddiff_terms(model, fb, rb)  # noqa: E731
+        terms = lambda fwd, fb, rb, idx: _graddiff_terms(fwd, fb, rb)  # noqa: E731
     else:
         trained = [mlp_down_proj(decoder_layers(model)[i]).weight for i in range(max(0, rmu_layer - 2), rmu_layer + 1)]
         ids = {id(w) for w in trained}
@@ -915,7 +925,7 @@ def _method(model, method: str, forget: Sequence[Mapping], device, beta: float, 
             p.requires_grad_(id(p) in ids)
         control = rmu_control_vector(model.config.hidden_size, rmu_coeff, seed).to(device)
         log(f"rmu: layer {rmu_layer}, training {', '.join(frozen)}")
-        terms = lambda fb, rb, idx: _rmu_terms(model, fb, rb, rmu_layer, control, frozen, rmu_alpha)  # noqa: E731
+        terms = lambda fwd, fb, rb, idx: _rmu_terms(model, fb, rb, rmu_layer, control, frozen, rmu_alpha)  # noqa: E731
         return terms, trained, 1.0
     return terms, [p for p in model.parameters() if p.requires_grad], gamma
 
@@ -978,15 +988,66 @@ def _checked_envs(method, forget, retain, envs, lam, env_grad_batch, stop_forget
     return envs
 
 
-def _ilu_backward(model, envs, samplers, lam, env_batch_size, env_micro_batch, env_grad_batch, device,
-                  backward) -> float:
+def _env_batches(envs, samplers, env_batch_size: int, env_grad_batch: int | None, device) -> list[tuple]:
+    """A step's (batch, split-estimator batch or None) of each environment."""
+    return [(collate([data[i] for i in samplers[name].take(env_batch_size)], device),
+             collate([data[i] for i in samplers[name].take(env_grad_batch)], device) if env_grad_batch else None)
+            for name, data in envs.items()]
+
+
+def _ilu_backward(model, env_batches, lam, env_micro_batch, backward, forward=None) -> float:
     """ILU: backpropagate lam * sum_e irm_penalty(batch of environment e); return the sum of penalties."""
-    irm = 0.0
-    for name, data in envs.items():
-        eb = collate([data[i] for i in samplers[name].take(env_batch_size)], device)
-        gb = collate([data[i] for i in samplers[name].take(env_grad_batch)], device) if env_grad_batch else None
-        irm += _irm_backward(model, eb, lam, env_micro_batch, gb, backward)
-    return irm
+    return sum((_irm_backward(model, eb, lam, env_micro_batch, gb, backward, forward) for eb, gb in env_batches), 0.0)
+
+
+def _pack_step(model, micro, env_batches) -> tuple[list, Callable]:
+    """The low-memory step: (its micro-batches, forward) with one forward (`_one_forward`) for the
+    batches that take a gradient: the forget and retain rows of each micro-batch, and each
+    environment's batch (its split-estimator batch, if any). Not for RMU, which needs hidden
+    states and trains 3 matrices (their partial gradients are small)."""
+    micro = list(micro)
+    return micro, _one_forward(model, [b for m in micro for b in m[:2]] +
+                               [eb if gb is None else gb for eb, gb in env_batches])
+
+
+def _lengths(b: Mapping[str, torch.Tensor]) -> list[int]:
+    return b["attention_mask"].sum(1).tolist()         # right-padded rows: each one's tokens
+
+
+def _one_forward(model, batches: Sequence[Mapping[str, torch.Tensor]]) -> Callable:
+    """forward(b) for each of `batches`, all of their logits from ONE forward of the model.
+
+    The low-memory mode needs it: a weight's gradient is complete, and its optimizer can step
+    and free it, once backward has passed the weight's layer, which holds only when the step
+    has one forward. (With several, one backward runs the last forward's graph to the bottom
+    before the previous one's, so every weight holds a partial gradient meanwhile: a model-sized
+    buffer.) The batches' sequences are packed without padding into rows as long as the longest
+    one (first fit, longest first), each with position ids from 0; given position ids, no
+    attention mask and no KV cache, transformers keeps attention inside each packed sequence
+    (a cache, on by default, turns that off: the packed sequences would see each other). Each batch's
+    logits are then gathered back into its right-padded layout (B, T, V); padding positions
+    copy some row's logits, and their labels are -100.
+    """
+    lengths = [_lengths(b) for b in batches]
+    seqs = sorted(((n, k, i) for k, ns in enumerate(lengths) for i, n in enumerate(ns)), key=lambda s: -s[0])
+    width, used, place = seqs[0][0], [], {}
+    for n, k, i in seqs:                                           # first fit, longest first
+        r = next((r for r, u in enumerate(used) if u + n <= width), None)
+        if r is None:                                              # no room left: a new row
+            r, used = len(used), used + [0]
+        place[k, i], used[r] = (r, used[r]), used[r] + n
+    ids = torch.zeros(len(used), width, dtype=torch.long)
+    pos = torch.stack([torch.cat([torch.arange(u), torch.arange(width - u)]) for u in used])  # a row's tail: its own
+    index = [torch.zeros(b["input_ids"].shape, dtype=torch.long) for b in batches]     # into the packed positions
+    for (k, i), (r, o) in place.items():
+        n = lengths[k][i]
+        ids[r, o:o + n] = batches[k]["input_ids"][i, :n].cpu()
+        pos[r, o:o + n] = torch.arange(n)
+        index[k][i, :n] = r * width + o + torch.arange(n)
+    device = batches[0]["input_ids"].device
+    logits = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits.flatten(0, 1)
+    out = {id(b): logits[ix.to(device)] for b, ix in zip(batches, index)}
+    return lambda b: out[id(b)]
 
 
 def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method: str = "npo",
@@ -1012,9 +1073,9 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
     decay: NPO on WMDP; steps: one pass over `forget`) and env_batch_size examples per environment, in chunks
     of env_micro_batch rows; env_grad_batch: the split estimator (_irm_backward_in_pieces). stop_forget_nll
     (NPO, GradDiff): end after the first step whose forget batch had a mean answer NLL of at least this many
-    nats, the lr schedule still that of `steps`. low_memory: one backward per step, the optimizer inside it,
-    quantized moments (`Updater`). Updates the model in place; returns one dict per step: step, forget,
-    retain, irm, lr, ms, and forget_nll (NPO, GradDiff)."""
+    nats, the lr schedule still that of `steps`. low_memory: one forward (sequences packed) and one backward
+    per step, the optimizer inside it, quantized moments (`Updater`, `_one_forward`). Updates the model in
+    place; returns one dict per step: step, forget, retain, irm, lr, ms, and forget_nll (NPO, GradDiff)."""
     envs = _checked_envs(method, forget, retain, envs, lam, env_grad_batch, stop_forget_nll)
     steps = steps or math.ceil(len(forget) / (batch_size * grad_accum))
     log = log or (tqdm.write if is_main() else (lambda line: None))
@@ -1026,28 +1087,29 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
     was_trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     terms, params, weight = _method(model, method, forget, device, beta, gamma, rmu_layer, rmu_coeff, rmu_alpha,
                                     seed, log)
-    opt = Updater(params, lr, weight_decay, seed, max_grad_norm, low_memory)
+    opt, forward = Updater(params, lr, weight_decay, seed, max_grad_norm, low_memory), _forward(model)
     pieces = _plan_pieces(model, grad_accum, batch_size, envs, env_batch_size, env_grad_batch)
     model.train()
-    history = []
-    bar = tqdm(range(steps), desc=f"unlearn {method}{' + ILU' if envs else ''}", disable=not progress or not is_main())
+    history, bar = [], tqdm(range(steps), desc=f"unlearn {method}{' + ILU' if envs else ''}",
+                            disable=not progress or not is_main())
     try:
         for step in bar:
             t0 = time.perf_counter()
             _reshard(model)
             f_sum = r_sum = nll_sum = nll_tokens = 0.0
             draws = [(f_sampler.take(batch_size), r_sampler.take(batch_size)) for _ in range(grad_accum)]
-            for fb, rb, f_idx, f_share, r_share in _my_micro_batches(model, forget, retain, draws, pieces,
-                                                                     SHARE_OF[method], device):
-                f_term, r_term, nll = terms(fb, rb, f_idx)              # the method's loss, term by term
+            micro = _my_micro_batches(model, forget, retain, draws, pieces, SHARE_OF[method], device)   # lazily
+            env_batches = _env_batches(envs, e_samplers, env_batch_size, env_grad_batch, device)
+            micro, one = _pack_step(model, micro, env_batches) if low_memory and method != "rmu" else (micro, None)
+            for fb, rb, f_idx, f_share, r_share in micro:
+                f_term, r_term, nll = terms(one or forward, fb, rb, f_idx)   # the method's loss, term by term
                 f_term, r_term = f_term * f_share, r_term * r_share     # this rank's part (one process: 1)
                 opt.backward((f_term + weight * r_term) / grad_accum)
                 f_sum, r_sum = f_sum + f_term.item() / grad_accum, r_sum + r_term.item() / grad_accum
                 if nll is not None:
                     nll_sum, nll_tokens = nll_sum + nll[0], nll_tokens + nll[1]
             f_sum, r_sum, nll_sum, nll_tokens = _sum_over_ranks(model, f_sum, r_sum, nll_sum, nll_tokens)
-            irm = _ilu_backward(model, envs, e_samplers, lam, env_batch_size, env_micro_batch, env_grad_batch, device,
-                                opt.backward)
+            irm = _ilu_backward(model, env_batches, lam, env_micro_batch, opt.backward, one)
             if not all(math.isfinite(x) for x in (f_sum, r_sum, irm)):
                 raise ILUError(f"non-finite loss at step {step + 1} (forget {f_sum}, retain {r_sum}, "
                                f"irm {irm}): lower the learning rate or lam")
@@ -1104,7 +1166,7 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
     _reshard(model)
     for p in model.parameters():
         p.requires_grad_(True)
-    opt = Updater(model.parameters(), lr, weight_decay, seed, max_grad_norm, low_memory)
+    opt, forward = Updater(model.parameters(), lr, weight_decay, seed, max_grad_norm, low_memory), _forward(model)
     model.train()
     losses = []
     bar = tqdm(range(total), desc=desc, disable=not progress or not is_main())
@@ -1112,9 +1174,11 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
         for step in bar:
             _reshard(model)
             step_loss = 0.0
-            for _ in range(grad_accum):
-                b = collate([data[i] for i in sampler.take(batch_size)], device)
-                loss = _nll(model, _rows(b, mine)) * _share(b, mine, [], "tokens")   # sharded: this rank's part
+            batches = [collate([data[i] for i in sampler.take(batch_size)], device) for _ in range(grad_accum)]
+            mine_of = [_rows(b, mine) for b in batches]                             # sharded: this rank's rows
+            fwd = _one_forward(model, mine_of) if low_memory else forward          # low memory: one forward
+            for b, part in zip(batches, mine_of):
+                loss = _nll(fwd, part) * _share(b, mine, [], "tokens")              # sharded: this rank's part
                 opt.backward(loss / grad_accum)
                 step_loss += loss.item() / grad_accum
             step_loss = _sum_over_ranks(model, step_loss)[0]

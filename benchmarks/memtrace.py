@@ -9,14 +9,18 @@ temporaries), and keeps the peak. The stages run ilu's own code (`ilu.unlearn`,
 `ilu.finetune`, the evaluation's forward passes), two optimizer steps each, so the second
 step's peak holds the optimizer's state.
 
-A fake tensor has no values, so three reads that depend on data are answered otherwise
+A fake tensor has no values, so the reads that depend on data are answered otherwise
 (`traceable`): the sampler draws its order with real tensors; the IRM penalty's answer
 positions (a boolean mask, whose number of rows depends on the labels) follow from the
 traced data, whose environment rows all end in the same number of answer tokens, and the
-same (N, V) rows are taken by index; a logged scalar (`.item()`) reads 0. And torch.compile,
+same (N, V) rows are taken by index; the low-memory step's packing reads each row's length
+(the traced rows have no padding: the batch's width) and transformers' packed-sequence
+detection reads the position ids (answered with one sequence id per row: the mask it
+builds has the real one's shape); a logged scalar (`.item()`) reads 0. And torch.compile,
 which cannot run under the tracker's dispatch mode, runs its function eagerly (torchao's
-low-bit optimizer step: the same tensors, unfused). The rest is ilu's code as it runs. `test_trace_matches_real_allocations` checks the traced peaks
-against the same stages run with real tensors at micro scale.
+low-bit optimizer step: the same tensors, unfused). The rest is ilu's code as it runs.
+`test_trace_matches_real_allocations` checks the traced peaks against the same stages run
+with real tensors at micro scale.
 """
 from __future__ import annotations
 
@@ -63,7 +67,10 @@ def traceable(answer_tokens: int):
     answer_tokens: every environment row of the traced data ends in this many answer tokens
     (as `rows` builds them), so the penalty's answer positions follow from the batch's shape.
     """
-    irm_terms, take = ilu._irm_terms, ilu._Sampler.take
+    from transformers import masking_utils
+
+    irm_terms, take, lengths, packed = (ilu._irm_terms, ilu._Sampler.take, ilu._lengths,
+                                        masking_utils.find_packed_sequence_indices)
     scalars = {name: (getattr(torch.Tensor, name), zero) for name, zero in (("item", 0.0), ("__int__", 0),
                                                                              ("__float__", 0.0))}
 
@@ -86,6 +93,8 @@ def traceable(answer_tokens: int):
         return fn if fn is not None else (lambda f: f)        # mode: torchao's optimizer step runs eagerly
 
     ilu._irm_terms, ilu._Sampler.take, compile_ = rows_irm_terms, real_take, torch.compile
+    ilu._lengths = lambda b: [b["input_ids"].size(1)] * b["input_ids"].size(0)   # `rows` pads no row
+    masking_utils.find_packed_sequence_indices = torch.zeros_like  # packed rows: a mask is built, as in a real run
     torch.compile = eager
     for name, (real, zero) in scalars.items():
         setattr(torch.Tensor, name, zero_if_fake(real, zero))
@@ -93,6 +102,7 @@ def traceable(answer_tokens: int):
         yield
     finally:
         ilu._irm_terms, ilu._Sampler.take, torch.compile = irm_terms, take, compile_
+        ilu._lengths, masking_utils.find_packed_sequence_indices = lengths, packed
         for name, (real, _) in scalars.items():
             setattr(torch.Tensor, name, real)
 

@@ -176,13 +176,13 @@ def test_each_methods_step_terms_add_up_to_its_published_loss():
         return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
 
     ref = torch.tensor([-30.0, -25.0, -28.0])
-    f, r, (nll_sum, tokens) = ilu._npo_terms(model, fb, rb, ref, beta=0.2)
+    f, r, (nll_sum, tokens) = ilu._npo_terms(ilu._forward(model), fb, rb, ref, beta=0.2)
     logp = ilu.sequence_logprob(logits(fb), fb["labels"])
     assert f.item() == pytest.approx(ilu.npo_loss(logp, ref, 0.2).item(), rel=1e-6)
     assert r.item() == pytest.approx(ilu.token_nll(logits(rb), rb["labels"]).item(), rel=1e-6)
     assert nll_sum / tokens == pytest.approx(ilu.token_nll(logits(fb), fb["labels"]).item(), rel=1e-5)
     assert tokens == int((fb["labels"][:, 1:] != -100).sum())
-    f, r, (nll_sum, tokens) = ilu._graddiff_terms(model, fb, rb)
+    f, r, (nll_sum, tokens) = ilu._graddiff_terms(ilu._forward(model), fb, rb)
     want = ilu.graddiff_loss(ilu.token_nll(logits(fb), fb["labels"]), ilu.token_nll(logits(rb), rb["labels"]), 0.5)
     assert (f + 0.5 * r).item() == pytest.approx(want.item(), rel=1e-6)
     frozen = {"model.layers.1.mlp.down_proj.weight": torch.zeros(32, 64)}

@@ -33,6 +33,7 @@ def _by_param(seen, model):
 @pytest.mark.parametrize("method, kwargs", [
     ("npo", dict(envs={"a": token_pairs(12, 2)}, env_micro_batch=3)),     # chunked penalty too
     ("npo", dict(envs={"a": token_pairs(12, 2)}, env_grad_batch=3)),      # the split estimator
+    ("npo", dict(envs={"a": token_pairs(12, 2, prompt_len=2, answer_len=2)})),   # low memory: 2 pairs a packed row
     ("graddiff", dict(envs={"a": token_pairs(12, 2)})),
     ("rmu", dict(envs={"a": token_pairs(12, 2)}, rmu_layer=2, rmu_coeff=5.0, rmu_alpha=10.0)),
 ])
@@ -57,10 +58,10 @@ def test_single_backward_step_equals_accumulated_step(method, kwargs, monkeypatc
         for k in ("forget", "retain", "irm", "lr"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (k, a, b)
     assert len(g1) == trained
-    for a, b in zip(g0, g1):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-    for a, b in zip(w0, w1):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g0, g1):        # the packed forward sums in another order: fp32 noise ~1e-5 of the largest
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    for a, b in zip(w0, w1):        # Adam's g / sqrt(v) lifts that noise on weights whose gradient is ~0
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(w0, tiny_llama().parameters()))   # it trained
 
 
@@ -132,3 +133,39 @@ def test_low_memory_bad_input_is_one_clear_error():
                     low_memory="2bit", progress=False, log=lambda s: None)
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters()
                if getattr(p, "_post_accumulate_grad_hooks", None) is not None)
+
+
+def test_one_forward_packs_batches_exactly():
+    # oracle: each batch's own padded forward. The packed forward must give the same logits on every real
+    # position, whatever the mix of lengths (rows shared by several sequences, a row's unused tail)
+    model = tiny_llama(layers=2)
+    lengths = [[9, 4, 7], [3, 3], [12], [5, 2, 6, 1]]
+    batches = [ilu.collate(token_texts(len(ns), 3, 90, 12, seed=k)) for k, ns in enumerate(lengths)]
+    for b, ns in zip(batches, lengths):              # cut each row to its length: right padding, as collate does
+        for i, n in enumerate(ns):
+            b["attention_mask"][i, n:] = 0
+            b["labels"][i, n:] = -100
+    with torch.no_grad():
+        forward = ilu._one_forward(model, batches)
+        for b in batches:
+            want = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            got = forward(b)
+            assert got.shape == want.shape
+            real = b["attention_mask"].bool()
+            torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["npo", "graddiff"])
+def test_low_memory_step_has_one_forward_with_gradient(method):
+    # what makes each weight's gradient complete layer by layer: one forward a step that gradients flow through
+    # (the default mode: one per micro-batch term and one per environment batch)
+    counts = {}
+    for mode in (None, "full"):
+        model = tiny_llama()
+        calls = []
+        model.model.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+        ilu.unlearn(model, token_texts(8, 3, 50, 10, 0), token_texts(8, 50, 97, 10, 1), method,
+                    envs={"a": token_pairs(12, 2)}, steps=3, batch_size=2, grad_accum=2, env_batch_size=6,
+                    low_memory=mode, progress=False, log=lambda s: None)
+        counts[mode] = sum(calls)
+    assert counts == {None: 3 * (2 * 2 + 1), "full": 3}
