@@ -149,6 +149,21 @@ def rows(n, length, vocab, answer=None, seed=0):
     return out
 
 
+def off_the_gpu(stage):
+    """stage with each gradient handed off as soon as it is complete, and no optimizer state on the
+    traced device: what stays on a GPU when the moments and the update live in CPU memory (as
+    torchao's CPUOffloadOptimizer does: each gradient copied to the host in backward, the step run
+    there, the weights copied back; it needs CUDA, so only this side can be traced here)."""
+    def run(model):
+        step_one = ilu.Updater._step_one
+        ilu.Updater._step_one = lambda self, p: setattr(p, "grad", None)    # off to the host
+        try:
+            stage(model)
+        finally:
+            ilu.Updater._step_one = step_one
+    return run
+
+
 def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, rmu_layer: int = 7,
            finetune_batch: int = 32, finetune_len: int = 256, eval_batch: int = 16, eval_len: int = 1024,
            gen_batch: int = 8, gen_len: int = 2048, gen_tokens: int = 4, grad_accum: int = 4,
@@ -160,8 +175,9 @@ def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, 
     grad_accum: NPO's micro-batches per step (paper: 4). From the second one on, each repeats
     the same memory pattern over gradients that already exist, so 2 gives the peak of 4 in
     half the trace time (`test_peak_does_not_grow_past_two_micro_batches`). The low-memory rows
-    (`ilu.Updater`) run low_memory_accum micro-batches (paper: 4), all of them: in one backward
-    their graphs coexist."""
+    (`ilu.Updater`) run low_memory_accum micro-batches (paper: 4), all of them: they are packed
+    into the step's one forward. The 24 GB plan's row is the GPU side of a low-memory step whose
+    optimizer state lives in CPU memory (`off_the_gpu`)."""
     forget, retain = rows(4, seq, vocab, seed=1), rows(4, seq, vocab, seed=2)
     env = {"gsm8k": rows(48 + 8, env_len, vocab, answer=env_len // 2, seed=3)}
     npo = dict(method="npo", steps=2, batch_size=1, grad_accum=grad_accum, env_batch_size=48, progress=False,
@@ -209,6 +225,9 @@ def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, 
                                    progress=False),
         "low memory, 4-bit moments: NPO + ILU(GSM8K)":
             lambda m: ilu.unlearn(m, forget, retain, envs=env, lam=1.0, **dict(low, low_memory="4bit")),
+        "24 GB plan, GPU side: NPO + ILU(GSM8K), split estimator (8), optimizer state in CPU memory":
+            off_the_gpu(lambda m: ilu.unlearn(m, forget, retain, envs=env, lam=1.0, env_grad_batch=8,
+                                              env_micro_batch=8, **dict(low, low_memory="full"))),
         f"WMDP/MMLU evaluation ({eval_batch} x {eval_len} tokens)": mc_eval,
         f"MUSE generation ({gen_batch} x {gen_len} tokens)": muse_generation,
     }
