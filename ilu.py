@@ -1176,7 +1176,7 @@ def finetune(model, data: Sequence[Mapping], epochs: float = 1, *, batch_size: i
             step_loss = 0.0
             batches = [collate([data[i] for i in sampler.take(batch_size)], device) for _ in range(grad_accum)]
             mine_of = [_rows(b, mine) for b in batches]                             # sharded: this rank's rows
-            fwd = _one_forward(model, mine_of) if low_memory else forward          # low memory: one forward
+            fwd = _one_forward(model, mine_of) if low_memory and grad_accum > 1 else forward   # low memory
             for b, part in zip(batches, mine_of):
                 loss = _nll(fwd, part) * _share(b, mine, [], "tokens")              # sharded: this rank's part
                 opt.backward(loss / grad_accum)

@@ -116,9 +116,10 @@ class CommonConfig:
     rmu_alpha: float = h("RMU retain weight alpha (Zephyr-7B: 1200)", default=1200.0)
     stop_forget_nll: float = h("NPO/GradDiff: end unlearning after the first step whose forget batch has a mean "
                                "answer-token NLL of at least this many nats; 0: run all --steps", default=0.0)
-    low_memory: str = h("one GPU in less memory, for unlearning and the fine-tuning attack: one backward per step "
-                        "with each parameter's optimizer stepping inside it, moments in 8bit or 4bit (torchao), or "
-                        "full (AdamWSR's, to compare); gradients clipped per parameter (README 'Memory'); empty: off",
+    low_memory: str = h("one GPU in less memory, for unlearning and the fine-tuning attack: one forward (the step's "
+                        "sequences packed) and one backward per step, each parameter's optimizer stepping inside it, "
+                        "moments in 8bit or 4bit (torchao), or full (AdamWSR's, to compare); gradients clipped per "
+                        "parameter (docs/memory.md); empty: off",
                         default="")
     # fine-tuning attack
     finetune_on: list = h("downstream fine-tuning sets", default_factory=lambda: list(TASK_NAMES))
