@@ -47,6 +47,11 @@ RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
              ["--beta", "0.01", "--lr", "1e-4", "--steps", "40"]),
     "strong-ft": ("deep's unlearning, a stronger attack: 40 fine-tuning steps at lr 5e-5 instead of 2e-5",
                   ["--beta", "0.01", "--lr", "1e-4", "--steps", "40", "--finetune-lr", "5e-5"]),
+    "more-passages": ("the forget-set size: 32 passages (and their QA, with as many retain texts) instead of 16 "
+                      "(another target, and a floor of 32 unseen passages), deep's unlearning over 80 steps",
+                      ["--tiny-passages", "32", "--beta", "0.01", "--lr", "1e-4", "--steps", "80"]),
+    "long-target": ("the target's epochs: 16 instead of 8 over its texts (another target), deep's unlearning",
+                    ["--small-epochs", "16", "--beta", "0.01", "--lr", "1e-4", "--steps", "40"]),
 }
 
 
