@@ -443,14 +443,14 @@ class Updater:
     low_memory "8bit", "4bit" or "full": the step's losses are kept and backpropagate together,
     once, and each parameter's own optimizer steps inside that backward the moment its gradient
     is complete (`register_post_accumulate_grad_hook`; PyTorch's "optimizer step in backward",
-    torchtune's optimizer_in_bwd), which then frees it: the model's gradients never all exist
-    at once (7B, bf16: 13.5 GiB saved) when the step has one forward (`_one_forward`). The global norm would need them all, so each parameter's
-    gradient is clipped to max_grad_norm on its own norm instead (per-parameter clipping; off
-    with None). Moments: "8bit" / "4bit" are torchao's AdamW8bit / AdamW4bit (block-wise
-    quantized, 1 or 0.5 byte per value; bf16 weights written with stochastic rounding, as
-    AdamWSR does; a tensor under 4,096 values or not a whole number of blocks keeps full
-    moments); "full" is AdamWSR per parameter (to check the single backward against the
-    default). One process only: FSDP2 assigns sharded gradients itself, after the hooks.
+    torchtune's optimizer_in_bwd), which then frees it: with one forward a step (`_one_forward`)
+    the model's gradients never all exist at once (7B, bf16: 13.5 GiB saved). The global norm
+    would need them all, so each parameter's gradient is clipped to max_grad_norm on its own
+    norm instead (per-parameter clipping; off with None). Moments: "8bit" / "4bit" are torchao's
+    AdamW8bit / AdamW4bit (block-wise quantized, 1 or 0.5 byte per value; bf16 weights written
+    with stochastic rounding, as AdamWSR does; a tensor under 4,096 values or not a whole number
+    of blocks keeps full moments); "full" is AdamWSR per parameter (to check the single backward
+    against the default). One process only: FSDP2 assigns sharded gradients itself, after the hooks.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], lr: float, weight_decay: float = 0.0, seed: int = 0,
@@ -907,9 +907,10 @@ def _rmu_terms(model, fb, rb, layer: int, control: torch.Tensor, frozen: Mapping
 
 def _method(model, method: str, forget: Sequence[Mapping], device, beta: float, gamma: float, rmu_layer: int,
             rmu_coeff: float, rmu_alpha: float, seed: int, log: Callable[[str], None]):
-    """(terms, trained parameters, retain weight) of a method; terms(forward, forget rows, retain rows,
-    forget indices) gives its two terms (RMU runs the model itself: it needs hidden states). NPO caches log pi_ref of every forget example (the
-    reference model never changes); RMU trains only the down-projections of layers l-2..l."""
+    """(terms, trained parameters, retain weight) of a method; terms(forward, forget rows, retain
+    rows, forget indices) gives its two terms (RMU runs the model itself: it needs hidden states).
+    NPO caches log pi_ref of every forget example (the reference model never changes); RMU trains
+    only the down-projections of layers l-2..l."""
     _reshard(model)
     if method == "npo":
         ref = reference_logprobs(model, forget).to(device)    # pi_ref, cached once
@@ -1024,9 +1025,9 @@ def _one_forward(model, batches: Sequence[Mapping[str, torch.Tensor]]) -> Callab
     buffer.) The batches' sequences are packed without padding into rows as long as the longest
     one (first fit, longest first), each with position ids from 0; given position ids, no
     attention mask and no KV cache, transformers keeps attention inside each packed sequence
-    (a cache, on by default, turns that off: the packed sequences would see each other). Each batch's
-    logits are then gathered back into its right-padded layout (B, T, V); padding positions
-    copy some row's logits, and their labels are -100.
+    (a cache, on by default, turns that off: the packed sequences would see each other). Each
+    batch's logits are then gathered back into its right-padded layout (B, T, V); padding
+    positions copy some row's logits, and their labels are -100.
     """
     lengths = [_lengths(b) for b in batches]
     seqs = sorted(((n, k, i) for k, ns in enumerate(lengths) for i, n in enumerate(ns)), key=lambda s: -s[0])
@@ -1073,9 +1074,8 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
     decay: NPO on WMDP; steps: one pass over `forget`) and env_batch_size examples per environment, in chunks
     of env_micro_batch rows; env_grad_batch: the split estimator (_irm_backward_in_pieces). stop_forget_nll
     (NPO, GradDiff): end after the first step whose forget batch had a mean answer NLL of at least this many
-    nats, the lr schedule still that of `steps`. low_memory: one forward (sequences packed) and one backward
-    per step, the optimizer inside it, quantized moments (`Updater`, `_one_forward`). Updates the model in
-    place; returns one dict per step: step, forget, retain, irm, lr, ms, and forget_nll (NPO, GradDiff)."""
+    nats, the lr schedule still that of `steps`. low_memory: one packed forward and one backward a step, the
+    optimizer inside it (`Updater`). In place; returns a dict a step: step, forget, retain, irm, lr, ms, forget_nll."""
     envs = _checked_envs(method, forget, retain, envs, lam, env_grad_batch, stop_forget_nll)
     steps = steps or math.ceil(len(forget) / (batch_size * grad_accum))
     log = log or (tqdm.write if is_main() else (lambda line: None))
