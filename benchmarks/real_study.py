@@ -125,8 +125,9 @@ def tables(name: str, runs: dict, seeds: list[int]) -> str:
         return out
 
     head = ["model", "before fine-tuning", *[f"after {t}" for t in tasks]]
-    for key, what, d in (("verbmem", "VerbMem on the 16 forget passages (ROUGE-L × 100)", 1),
-                         ("verbmem_unseen", "VerbMem on 16 passages the target never saw (the floor)", 1),
+    k = flags[flags.index("--tiny-passages") + 1] if "--tiny-passages" in flags else 16   # run_muse's default
+    for key, what, d in (("verbmem", f"VerbMem on the {k} forget passages (ROUGE-L × 100)", 1),
+                         ("verbmem_unseen", f"VerbMem on {k} passages the target never saw (the floor)", 1),
                          ("knowmem_forget", "KnowMem on the forget QA", 1),
                          ("knowmem_retain", "KnowMem on the retain QA", 1),
                          ("forget_nll", "Forget NLL (nats per token of the forget continuations)", 2)):

@@ -38,6 +38,10 @@ def test_tables_and_compare_by_hand(tmp_path, capsys):
     assert "| NPO + ILU(GSM8K) | +0.02 (gain +1.0 ± 0.0) |" in text
     assert "| NPO + ILU(GSM8K) | 1.0 ± 0.0 |" in text                  # |VerbMem unlearned - NPO's| per seed
     assert "-0.05 ± 0.07" in text                                       # cos back over seeds: 0, -0.1
+    assert "VerbMem on the 16 forget passages" in text and "VerbMem on 16 passages the target never" in text
+    shutil.copytree(out / "base", tmp_path / "more" / "more-passages")  # the recipe with --tiny-passages 32
+    text = real_study.tables("more-passages", real_study.load(tmp_path / "more", "more-passages", [0, 1]), [0, 1])
+    assert "VerbMem on the 32 forget passages" in text and "VerbMem on 32 passages the target never" in text
 
     other = tmp_path / "rerun"
     shutil.copytree(out, other)
