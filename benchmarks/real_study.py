@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import runlib  # noqa: E402
+from run_muse import SMALL  # noqa: E402
 from tiny_study import ms, relearning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +126,7 @@ def tables(name: str, runs: dict, seeds: list[int]) -> str:
         return out
 
     head = ["model", "before fine-tuning", *[f"after {t}" for t in tasks]]
-    k = flags[flags.index("--tiny-passages") + 1] if "--tiny-passages" in flags else 16   # run_muse's default
+    k = flags[flags.index("--tiny-passages") + 1] if "--tiny-passages" in flags else SMALL["common"]["tiny_passages"]
     for key, what, d in (("verbmem", f"VerbMem on the {k} forget passages (ROUGE-L × 100)", 1),
                          ("verbmem_unseen", f"VerbMem on {k} passages the target never saw (the floor)", 1),
                          ("knowmem_forget", "KnowMem on the forget QA", 1),
