@@ -1058,8 +1058,9 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
             env_grad_batch: int | None = None, lr: float = 1e-5, warmup: float = 0.1, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, beta: float = 0.1, gamma: float = 1.0,
             rmu_layer: int = 7, rmu_coeff: float = 6.5, rmu_alpha: float = 1200.0,
-            stop_forget_nll: float | None = None, low_memory: str | None = None,
-            seed: int = 0, progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
+            stop_forget_nll: float | None = None, stop: Callable[[int], bool] | None = None,
+            low_memory: str | None = None, seed: int = 0, progress: bool = True,
+            log: Callable[[str], None] | None = None) -> list[dict]:
     """Unlearn `forget` while keeping `retain`, optionally with the ILU penalty over `envs`.
 
     Objective per optimizer step (ILU when envs is given, the base method otherwise):
@@ -1074,7 +1075,8 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
     decay: NPO on WMDP; steps: one pass over `forget`) and env_batch_size examples per environment, in chunks
     of env_micro_batch rows; env_grad_batch: the split estimator (_irm_backward_in_pieces). stop_forget_nll
     (NPO, GradDiff): end after the first step whose forget batch had a mean answer NLL of at least this many
-    nats, the lr schedule still that of `steps`. low_memory: one packed forward and one backward a step, the
+    nats, the lr schedule still that of `steps`; stop(step), called after each step with the model in eval mode,
+    ends it there when it returns True (a caller's own rule, e.g. a metric reached). low_memory: one packed forward and one backward a step, the
     optimizer inside it (`Updater`). In place; returns a dict a step: step, forget, retain, irm, lr, ms, forget_nll."""
     envs = _checked_envs(method, forget, retain, envs, lam, env_grad_batch, stop_forget_nll)
     steps = steps or math.ceil(len(forget) / (batch_size * grad_accum))
@@ -1124,6 +1126,11 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
             if stop_forget_nll is not None and nll_tokens and nll_sum / nll_tokens >= stop_forget_nll:
                 log(f"stop: the forget batch's NLL {nll_sum / nll_tokens:.3f} nats/token reached {stop_forget_nll}")
                 break
+            if stop is not None:
+                model.eval()
+                if stop(step + 1):
+                    break
+                model.train()
     finally:
         opt.close()
         _reshard(model)

@@ -24,23 +24,27 @@ vectors of every fine-tuning (README "A real model"):
 """
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 import runlib
 from runlib import fail, h
 
 MUSE_TARGETS = {"news": "muse-bench/MUSE-news_target", "books": "muse-bench/MUSE-books_target"}
+MUSE_RETRAIN = {"news": "muse-bench/MUSE-news_retrain", "books": "muse-bench/MUSE-books_retrain"}  # never saw forget
 TINY = dict(  # --tiny: sizes for 2 CPU cores (about 5 minutes with the target's training; see README)
     # NPO: the paper's retain weight gamma = 1. Over seeds 0-2 (each its own target) gamma 0.3 gave VerbMem
     # 9.8-13.2 but kept 83-102% of retain KnowMem; gamma 1 gives 10.8-12.8 and keeps 98-103% (docs/tiny_study.md).
     npo=dict(lr=5e-3), graddiff=dict(lr=5e-4), rmu=dict(lr=5e-3, rmu_layer=2, rmu_coeff=100.0, rmu_alpha=100.0),
     common=dict(steps=60, batch_size=16, grad_accum=1, max_length=256, env_batch_size=16, finetune_steps=40,
                 finetune_batch=8, finetune_lr=1e-4, fa_limit=200, verbmem_tokens=48, knowmem_tokens=16,
-                icl_shots=0, privleak_tokens=256))
+                icl_shots=0, privleak_tokens=256, relearn_steps=40, relearn_batch=8, relearn_lr=1e-4))
 SMALL = dict(  # --small: SmolLM2-135M on 2 CPU cores (README "A real model": about 16 minutes per run)
     # fine-tuning at the follow-up paper's lr 2e-5: at 1e-4 (40 steps) the control lost 28-37% of its VerbMem
     npo=dict(lr=5e-5), graddiff=dict(lr=5e-5),
@@ -48,7 +52,8 @@ SMALL = dict(  # --small: SmolLM2-135M on 2 CPU cores (README "A real model": ab
     common=dict(steps=20, batch_size=4, grad_accum=1, max_length=256, env_batch_size=4, finetune_steps=40,
                 finetune_batch=8, finetune_lr=2e-5, finetune_on=["winogrande", "sst2"], fa_limit=64,
                 verbmem_tokens=64, knowmem_tokens=24, icl_shots=3, privleak_tokens=256, tiny_passages=16,
-                tiny_prompt_chars=300, tiny_gt_chars=250, task_vectors=True))
+                tiny_prompt_chars=300, tiny_gt_chars=250, task_vectors=True,
+                relearn_steps=40, relearn_batch=4, relearn_lr=2e-5))   # the attack: --relearn
 PROBE_PAIRS = 32          # held-out pairs of each task whose answer NLL is tracked (--small: dL, the damage)
 
 
@@ -85,6 +90,28 @@ class Config(runlib.CommonConfig):
     control_from: str = h("a finished run folder with the same target, seed and fine-tuning settings: its "
                           "Original rows and fine-tuned originals serve as this run's control instead of "
                           "fine-tuning the original again", default="")
+    # the relearning attack (the paper's Table 3, for MUSE)
+    relearn: bool = h("the relearning attack: the forget passages split in two by --seed; after unlearning, fine-tune "
+                      "on the attack half and read VerbMem and the forget NLL of each half at the attack's quartiles, "
+                      "beside two controls attacked the same way: the target and a model that never saw the forget "
+                      "passages (--never-saw). Fine-tuning on other tasks only with an explicit --finetune-on",
+                      default=False)
+    relearn_on: str = h("--relearn's attack set: forget (the attack half's texts: Table 3) or holdout (as many MUSE "
+                        "holdout texts, cut as the passages are: the forget set's format, none of its content)",
+                        default="forget")
+    relearn_share: float = h("--relearn: share of the forget passages in the attack half", default=0.5)
+    relearn_steps: int = h("--relearn: attack steps; 0: --relearn-epochs", default=0)
+    relearn_epochs: float = h("--relearn: attack epochs over the attack set when --relearn-steps is 0 (Table 3: 1)",
+                              default=1.0)
+    relearn_batch: int = h("--relearn: attack batch size", default=4)
+    relearn_lr: float = h("--relearn: attack learning rate (constant; the fine-tuning's, 2e-5)", default=2e-5)
+    never_saw: str = h("--relearn's second control, a model of the target's architecture and tokenizer that never saw "
+                       "the forget passages; empty: MUSE's retrain model of --corpus (--small: --model before the "
+                       "target's fine-tuning; --tiny: the tiny recipe trained without the forget passages and QA)",
+                       default="")
+    stop_verbmem: float = h("--relearn: end unlearning after the first step that leaves VerbMem on the held-out half "
+                            "at most this (checked after every step, at most --steps): forgetting matched across "
+                            "methods; 0: run all --steps", default=0.0)
 
 
 def qa_text(r: dict) -> str:
@@ -149,13 +176,22 @@ def setup_tiny(cfg: Config, tasks: list[str]):
     for t in tasks:
         train, _, _ = runlib.task_split(t, cfg.data_dir, None, None, cfg.seed)
         general += [r["prompt"] + r["answer"] for r in train[:cfg.tiny_general // max(len(tasks), 1)]]
-    texts = ((d["passages"] + d["retain_text"]) * cfg.tiny_repeat
-             + (d["forget_qa"] + d["retain_qa"]) * cfg.tiny_qa_repeat + general)
-    random.Random(0).shuffle(texts)
+
+    def texts(forget_too: bool) -> list[str]:
+        learn = d["passages"] + d["retain_text"] if forget_too else d["retain_text"]
+        qa = d["forget_qa"] + d["retain_qa"] if forget_too else d["retain_qa"]
+        out = learn * cfg.tiny_repeat + qa * cfg.tiny_qa_repeat + general
+        random.Random(0).shuffle(out)
+        return out
+
     recipe = dict(name="muse", hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, steps=cfg.tiny_steps)
-    model, tok, _ = runlib.cached_tiny_target(cfg.cache_dir, recipe, texts, hidden=cfg.tiny_hidden,
-                                              layers=cfg.tiny_layers, steps=cfg.tiny_steps, max_length=256,
-                                              isolate_spaces=True)  # MUSE's prompt ends in "Answer: "
+    kw = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, steps=cfg.tiny_steps, max_length=256,
+              isolate_spaces=True)  # MUSE's prompt ends in "Answer: "
+    model, tok, path = runlib.cached_tiny_target(cfg.cache_dir, recipe, texts(True), **kw)
+    if cfg.relearn and not cfg.never_saw:  # --relearn's control: the same recipe without the forget texts
+        recipe = dict(recipe, name="muse-never-saw", tokenizer_of=path.name)
+        d["ev"]["never_saw"] = str(runlib.cached_tiny_target(cfg.cache_dir, recipe, texts(False), tokenizer=tok,
+                                                             **kw)[2])
     return model, tok, d["ev"], forget, retain
 
 
@@ -260,6 +296,205 @@ def metrics_line(e: dict) -> str:
     return s + (f" | cos back {g['cos_back']:+.2f} | cos ft {g['cos_ft']:+.2f}" if g else "")
 
 
+# -- the relearning attack (the paper's Table 3, for MUSE) -------------------------------------------
+
+SHINGLE = 6   # words: two texts share a passage when they share a run of this many words of it
+
+
+def shingles(text: str) -> set[str]:
+    """Every run of SHINGLE consecutive words of a text."""
+    w = text.split()
+    return {" ".join(w[i:i + SHINGLE]) for i in range(max(len(w) - SHINGLE + 1, 1))}
+
+
+def passage_shingles(passage: dict) -> set[str]:
+    """A verbmem passage's word runs: the end of its prompt (the last 300 characters; MUSE's full prompts are
+    whole articles) and its ground truth, the text VerbMem reads."""
+    return shingles(passage["prompt"][-300:]) | shingles(passage["gt"])
+
+
+def relearn_split(passages: list[dict], share: float, seed: int) -> tuple[list[int], list[int]]:
+    """The forget passages in two halves drawn by seed: (attack, held out) indices, disjoint and covering all,
+    the attack half share * n passages (as near as whole groups allow). Passages that share a run of words
+    (two cuts of one article) form a group that stays in one half, so each half keeps all its text."""
+    n, sh = len(passages), [passage_shingles(p) for p in passages]
+    root = list(range(n))
+
+    def find(i):
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            if sh[i] & sh[j]:
+                root[find(j)] = find(i)
+    groups = [[i for i in range(n) if find(i) == r] for r in sorted({find(i) for i in range(n)})]
+    random.Random(seed).shuffle(groups)
+    k, attack = round(share * n), []
+    for g in groups:
+        if len(attack) + len(g) <= k:
+            attack += g
+    if not 0 < len(attack) < n:
+        fail(f"--relearn-share {share} leaves a half of the {n} forget passages empty: choose a share that puts "
+             "at least one passage in each half")
+    return sorted(attack), sorted(set(range(n)) - set(attack))
+
+
+def locates(text: str, passage: dict) -> bool:
+    """Whether a text holds a verbmem passage where it was cut: its prompt's end or its ground truth's start."""
+    return passage["prompt"][-150:] in text or passage["gt"].strip()[:100] in text
+
+
+def attack_texts(texts: list[str], passages: list[dict], attack: list[int], held: list[int]) -> list[str]:
+    """The texts that hold an attack-half passage and share no run of words with a held-out one.
+    --tiny, --small: the attack half's passages themselves (the forget QA hold none); full scale: the
+    forget documents they were cut from, less any that shares text with a held-out passage (MUSE-News's
+    boilerplate paragraphs repeat across documents)."""
+    theirs = set().union(*(passage_shingles(passages[i]) for i in held))
+    return [t for t in texts if any(locates(t, passages[i]) for i in attack) and not shingles(t) & theirs]
+
+
+def relearn_sets(cfg: Config, tok, ev: dict, forget: list) -> dict:
+    """The two halves of the forget passages, their NLL pairs, the attack set and the KnowMem QA (all
+    held out: MUSE writes its QA from the forget documents, not from the verbmem passages)."""
+    import ilu
+
+    passages = ev["verbmem"]
+    attack, held = relearn_split(passages, cfg.relearn_share, cfg.seed)
+    if cfg.relearn_on == "forget":
+        texts = attack_texts([t for t in forget if isinstance(t, str)], passages, attack, held)
+    else:  # holdout: news in the passages' format, past those PrivLeak reads
+        pool = runlib.load_muse("privleak", "holdout", cfg.corpus, cfg.data_dir)
+        cut = cfg.tiny_prompt_chars + cfg.tiny_gt_chars if runlib.scaled(cfg) else None
+        pool = pool[len(ev["privleak_holdout"]):] if cut else pool   # full scale: PrivLeak is not read after it
+        texts = [cut_words(t, cut) if cut else t for t in pool[:len(attack)]]
+    if not texts:
+        fail(f"--relearn finds no {cfg.relearn_on} text for the attack half: check the data in --data-dir")
+    leaked = [i for i in held if any(shingles(t) & passage_shingles(passages[i]) for t in texts)]
+    if leaked:   # the attack must never train on the text it is read on
+        fail(f"--relearn's attack set holds held-out passage {leaked[0]}: the split is broken")
+    halves = {"attack": attack, "held": held}
+    d = dict(split=halves, attack_texts=texts, qa=ev["forget_qa"], icl=ev["forget_icl"])
+    for half, idx in halves.items():
+        d[half] = [passages[i] for i in idx]
+        d[f"nll_{half}"] = ilu.encode_pairs(tok, [dict(prompt=passages[i]["prompt"], answer=passages[i]["gt"])
+                                                  for i in idx], max_length=2048, add_eos=False)
+    return d
+
+
+def relearn_metrics(model, tok, rl: dict, cfg: Config) -> dict:
+    """VerbMem and the forget NLL of each half, KnowMem on the forget QA: what the attack is read by."""
+    import ilu
+
+    b, out = cfg.eval_batch, {}
+    for half in ("held", "attack"):
+        out[f"verbmem_{half}"] = ilu.verbmem(model, tok, rl[half], cfg.verbmem_tokens, b)
+        out[f"forget_nll_{half}"] = runlib.answer_nll(model, rl[f"nll_{half}"], b)
+    out["knowmem_forget"] = ilu.knowmem(model, tok, rl["qa"], rl["icl"], cfg.knowmem_tokens, b)
+    return out
+
+
+def relearn_points(total: int) -> list[int]:
+    """The attack's checkpoints: its quartiles."""
+    return sorted({max(1, round(total * q / 4)) for q in (1, 2, 3, 4)})
+
+
+class HeldOutStop:
+    """ilu.unlearn's stop rule for --stop-verbmem: VerbMem on the held-out half after every step."""
+
+    def __init__(self, model, tok, rl: dict, cfg: Config):
+        self.model, self.tok, self.rl, self.cfg, self.checks = model, tok, rl, cfg, []
+
+    def __call__(self, step: int) -> bool:
+        import ilu
+
+        v = ilu.verbmem(self.model, self.tok, self.rl["held"], self.cfg.verbmem_tokens, self.cfg.eval_batch,
+                        progress=False)
+        self.checks.append(dict(step=step, verbmem_held=v))
+        tqdm.write(f"  step {step}: VerbMem on the held-out half {v:.1f} (stop at <= {self.cfg.stop_verbmem:g})")
+        return v <= self.cfg.stop_verbmem
+
+
+def never_saw_folder(cfg: Config, ev: dict) -> str:
+    """The folder of the second control: a model with the target's architecture and tokenizer that never
+    saw the forget passages (--never-saw, or by recipe: MUSE's retrain model; --small: the pretrained
+    model the target was fine-tuned from; --tiny: the tiny recipe trained without the forget texts)."""
+    if cfg.never_saw:
+        return runlib.local_folder(runlib.model_path(cfg.never_saw, cfg.cache_dir))
+    if cfg.small:
+        return runlib.model_path(cfg.model or "smollm2-135m", cfg.cache_dir)
+    if cfg.tiny:
+        return ev["never_saw"]                                  # trained (or found cached) by setup_tiny
+    return runlib.local_folder(MUSE_RETRAIN[cfg.corpus])
+
+
+def relearn_stage(model, tok, cfg: Config, rl: dict, results, who: str, state, theta_u=None, theta_o=None):
+    """Attack the weights in `state` (a snapshot, or a saved folder's) on the attack set and record the
+    metrics of relearn_metrics at step 0 and at each quartile. From the unlearned model (theta_u, theta_o
+    given): the geometry of the relearning update against the unlearning update."""
+    import ilu
+
+    name, start = f"relearn/{who}", time.perf_counter()
+    runlib.restore(model, state)
+    data = runlib.encode(tok, rl["attack_texts"], cfg.max_length,
+                         windows=cfg.corpus_windows and not runlib.scaled(cfg))
+    per_epoch = math.ceil(len(data) / cfg.relearn_batch)
+    total = cfg.relearn_steps or max(1, round(cfg.relearn_epochs * per_epoch))
+    curve = [dict(step=0, **relearn_metrics(model, tok, rl, cfg))]
+
+    def hook(step, epoch):
+        curve.append(dict(step=step, **relearn_metrics(model, tok, rl, cfg)))
+        tqdm.write(f"{name}, step {step}: " + relearn_line(curve[-1]))
+
+    print(f"{name}, step 0: " + relearn_line(curve[0]))
+    losses = ilu.finetune(model, data, max_steps=total, batch_size=cfg.relearn_batch, lr=cfg.relearn_lr,
+                          hook=hook, hook_steps=relearn_points(total), hook_each_epoch=False,
+                          low_memory=cfg.low_memory or None, seed=cfg.seed, desc=name)
+    entry = dict(split=rl["split"], attack_texts=len(data), steps=total, curve=curve, loss_first=losses[0],
+                 loss_last=losses[-1])
+    if theta_u is not None:
+        tau_u, tau_rl = ilu.task_vector(theta_u, theta_o), ilu.task_vector(ilu.state_of(model), theta_u)
+        entry["geometry"] = dict(cos_back=ilu.cosine(tau_rl, tau_u), norm_u=ilu.norm(tau_u), norm_rl=ilu.norm(tau_rl))
+    results.record(name, entry, start)
+
+
+def relearn_line(e: dict) -> str:
+    return (f"VerbMem held-out {e['verbmem_held']:.1f} | attack half {e['verbmem_attack']:.1f} | "
+            f"forget NLL held-out {e['forget_nll_held']:.2f} | KnowMem forget {e['knowmem_forget']:.1f}")
+
+
+def share_back(target: float, unlearned: float, after: float) -> float:
+    """The share of the way back to the target: (after - unlearned) / (target - unlearned); 0 if nothing was forgotten."""
+    return (after - unlearned) / (target - unlearned) if target != unlearned else 0.0
+
+
+RELEARN_WHO = {"original": "Target (control)", "never_saw": "Never saw the passages (control)", "unlearned": None}
+
+
+def relearn_table(results: runlib.Results, label: str) -> str:
+    """VerbMem on the held-out half at each checkpoint of each attacked model, and the unlearned model's
+    share back, beside the controls' movement."""
+    st = results.data["stages"]
+    rows, curves = [], {w: st[f"relearn/{w}"]["curve"] for w in RELEARN_WHO if f"relearn/{w}" in st}
+    if not curves:
+        return ""
+    steps = [p["step"] for p in next(iter(curves.values()))]
+    for who, curve in curves.items():
+        held = [p["verbmem_held"] for p in curve]
+        rows.append([RELEARN_WHO[who] or label, *[f"{v:.1f}" for v in held],
+                     f"{curve[0]['verbmem_attack']:.1f} → {curve[-1]['verbmem_attack']:.1f}",
+                     f"{curve[0]['forget_nll_held']:.2f} → {curve[-1]['forget_nll_held']:.2f}"])
+    if "original" in curves and "unlearned" in curves:
+        target, u = curves["original"][0]["verbmem_held"], [p["verbmem_held"] for p in curves["unlearned"]]
+        rows.append([f"{label}: share back", *[f"{share_back(target, u[0], v):+.2f}" for v in u], "", ""])
+    head = ["model", *[f"step {s}" for s in steps], "attack half", "forget NLL held-out"]
+    n = {k: len(v) for k, v in next(iter(st[f"relearn/{w}"] for w in curves))["split"].items()}
+    return (f"Relearning attack: fine-tuned on the attack half ({n['attack']} passages), read on the held-out half "
+            f"({n['held']} passages): VerbMem at each checkpoint; share back = (after − unlearned) / "
+            "(target − unlearned).\n\n" + runlib.markdown_table(head, rows) + "\n")
+
+
 # -- the table ------------------------------------------------------------------------------------
 
 HEAD = ["model", "VerbMem ↓", "KnowMem forget ↓", "KnowMem retain ↑", "PrivLeak", "FA ↑"]
@@ -289,6 +524,8 @@ def write_report(results: runlib.Results, cfg: Config) -> str:
             "VerbMem and KnowMem: ROUGE-L F1 x 100; PrivLeak: (AUC - AUC_retrain) / AUC_retrain x 100 "
             "(near 0 is good); FA: downstream accuracy (%) after fine-tuning.\n\n"
             + muse_table([results.data]) + "\n")
+    relearn = relearn_table(results, label)
+    text += f"\n{relearn}" if relearn else ""
     runlib.write_atomic(Path(cfg.out) / "results.md", text)
     return text
 
@@ -301,10 +538,12 @@ def report(cfg: Config):
     print(text)
 
 
+RELEARN_KEYS = ("relearn", "relearn_on", "relearn_share", "relearn_steps", "relearn_epochs", "relearn_batch",
+                "relearn_lr", "never_saw")
 CONTROL_KEYS = ("model", "seed", "corpus", "tiny", "small", "small_epochs", "small_lr", "data_dir", "cpu_kernels",
                 "finetune_steps", "finetune_epochs", "finetune_batch", "finetune_lr", "fa_limit", "max_length",
                 "verbmem_tokens", "knowmem_tokens", "icl_shots", "privleak_tokens", "eval_limit", "task_vectors",
-                "low_memory")
+                "low_memory", *RELEARN_KEYS)
 
 
 def borrow_control(cfg: Config, results: runlib.Results, tasks: list[str]):
@@ -323,6 +562,7 @@ def borrow_control(cfg: Config, results: runlib.Results, tasks: list[str]):
         fail(f"--control-from {cfg.control_from} was run with different {', '.join(differ[:3])}: "
              "it cannot serve as this run's control")
     needed = ["original"] + [f"original/finetune/{t}" for t in tasks if cfg.finetune_original]
+    needed += [f"relearn/{who}" for who in ("original", "never_saw")] if cfg.relearn else []
     missing = [n for n in needed if n not in other["stages"]]
     if missing:
         fail(f"--control-from {cfg.control_from} lacks the stage {missing[0]}: finish that run first")
@@ -332,6 +572,20 @@ def borrow_control(cfg: Config, results: runlib.Results, tasks: list[str]):
 
 
 # -- main --------------------------------------------------------------------------------------------
+
+def check_relearn(cfg: Config, explicit: set):
+    """--relearn's options (one line, exit 2); with --relearn, no other fine-tuning unless --finetune-on is given."""
+    if cfg.relearn_on not in ("forget", "holdout"):
+        fail(f"unknown --relearn-on '{cfg.relearn_on}': forget or holdout")
+    if cfg.stop_verbmem and not cfg.relearn:
+        fail("--stop-verbmem reads the held-out half of --relearn's split: add --relearn")
+    if not 0 < cfg.relearn_share < 1:
+        fail(f"--relearn-share must be between 0 and 1 (got {cfg.relearn_share})")
+    if cfg.relearn_steps < 0 or cfg.relearn_epochs <= 0 or cfg.relearn_lr <= 0:
+        fail("--relearn-steps must be >= 0, --relearn-epochs and --relearn-lr positive")
+    if cfg.relearn and "finetune_on" not in explicit:
+        cfg.finetune_on = []
+
 
 def main():
     cfg = runlib.parse_config(Config, description=__doc__)
@@ -343,9 +597,11 @@ def main():
         fail("--tiny and --small are two recipes: choose one")
     if (cfg.tiny or cfg.small) and cfg.corpus != "news":
         fail(f"--{'tiny' if cfg.tiny else 'small'} is built from MUSE-News: use --corpus news")
-    cfg = runlib.resolve(cfg, runlib.explicit_flags(sys.argv[1:]), SMALL if cfg.small else TINY,
-                         positive=("tiny_passages", "tiny_steps", "small_epochs"))
-    results = runlib.start_run(cfg)
+    explicit = runlib.explicit_flags(sys.argv[1:])
+    cfg = runlib.resolve(cfg, explicit, SMALL if cfg.small else TINY,
+                         positive=("tiny_passages", "tiny_steps", "small_epochs", "relearn_batch"))
+    check_relearn(cfg, explicit)
+    results = runlib.start_run(cfg, extra_free=() if cfg.relearn else RELEARN_KEYS + ("stop_verbmem",))
     import ilu
 
     model, tok, ev, forget, retain, tasks = runlib.setup(cfg, setup_full, setup_small if cfg.small else setup_tiny)
@@ -353,14 +609,28 @@ def main():
     controls = Path(cfg.control_from or cfg.out) / "tv" / "original"
     if cfg.control_from:
         borrow_control(cfg, results, tasks)
-    runlib.model_stages(model, tok, cfg, results, tasks, forget, retain, lambda: evaluate(model, tok, ev, cfg),
-                        lambda t, who: finetune_stage(model, tok, t, cfg, ev, results, f"{who}/finetune/{t}",
-                                                      theta_o if cfg.task_vectors else None, controls),
-                        metrics_line, theta_o)
+    rl = relearn_sets(cfg, tok, ev, forget) if cfg.relearn else None
+    _, theta_u = runlib.model_stages(
+        model, tok, cfg, results, tasks, forget, retain, lambda: evaluate(model, tok, ev, cfg),
+        lambda t, who: finetune_stage(model, tok, t, cfg, ev, results, f"{who}/finetune/{t}",
+                                      theta_o if cfg.task_vectors else None, controls),
+        metrics_line, theta_o, HeldOutStop(model, tok, rl, cfg) if cfg.stop_verbmem else None)
+    if cfg.relearn:
+        if not results.done("relearn/unlearned"):
+            relearn_stage(model, tok, cfg, rl, results, "unlearned", theta_u, theta_u, theta_o)
+        if not results.done("relearn/original"):
+            relearn_stage(model, tok, cfg, rl, results, "original", theta_o)
+        if not results.done("relearn/never_saw"):
+            folder = never_saw_folder(cfg, ev)
+            print(f"never-saw control: {folder}")
+            relearn_stage(model, tok, cfg, rl, results, "never_saw", runlib.SavedState(folder, theta_o, model))
     st = results.data["stages"]
     results.data["summary"] = {name: {k: v for k, v in e.items() if k in ("verbmem", "knowmem_forget",
                                                                          "knowmem_retain", "privleak", "fa")}
-                               for name, e in st.items() if name != "unlearn"}
+                               for name, e in st.items() if name != "unlearn" and not name.startswith("relearn/")}
+    results.data["summary"].update({name: dict(steps=[p["step"] for p in e["curve"]],
+                                               verbmem_held=[p["verbmem_held"] for p in e["curve"]])
+                                    for name, e in st.items() if name.startswith("relearn/")})
     results.save()
     print("\n" + write_report(results, cfg))
 

