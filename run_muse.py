@@ -364,11 +364,8 @@ def relearn_sets(cfg: Config, tok, ev: dict, forget: list) -> dict:
     attack, held = relearn_split(passages, cfg.relearn_share, cfg.seed)
     if cfg.relearn_on == "forget":
         texts = attack_texts([t for t in forget if isinstance(t, str)], passages, attack, held)
-    else:  # holdout: news in the passages' format, past those PrivLeak reads
-        pool = runlib.load_muse("privleak", "holdout", cfg.corpus, cfg.data_dir)
-        cut = cfg.tiny_prompt_chars + cfg.tiny_gt_chars if runlib.scaled(cfg) else None
-        pool = pool[len(ev["privleak_holdout"]):] if cut else pool   # full scale: PrivLeak is not read after it
-        texts = [cut_words(t, cut) if cut else t for t in pool[:len(attack)]]
+    else:  # holdout: news in the passages' format, none of their content
+        texts = holdout_pool(cfg, ev)[0][:len(attack)]
     if not texts:
         fail(f"--relearn finds no {cfg.relearn_on} text for the attack half: check the data in --data-dir")
     leaked = [i for i in held if any(shingles(t) & passage_shingles(passages[i]) for t in texts)]
@@ -381,6 +378,18 @@ def relearn_sets(cfg: Config, tok, ev: dict, forget: list) -> dict:
         d[f"nll_{half}"] = ilu.encode_pairs(tok, [dict(prompt=passages[i]["prompt"], answer=passages[i]["gt"])
                                                   for i in idx], max_length=2048, add_eos=False)
     return d
+
+
+def holdout_pool(cfg: Config, ev: dict) -> tuple[list[str], list[str]]:
+    """MUSE holdout texts (neither forget nor retain) past those PrivLeak reads, cut as the passages are
+    (--tiny, --small): the first half for --relearn-on holdout, the second for the ILU environment "news"
+    (the forget set's format, none of its content). Full scale: PrivLeak reads every holdout text, so the
+    attack takes them whole (PrivLeak is not read after it) and there is no "news" environment."""
+    pool = runlib.load_muse("privleak", "holdout", cfg.corpus, cfg.data_dir)
+    if not runlib.scaled(cfg):
+        return pool, []
+    pool = [cut_words(t, cfg.tiny_prompt_chars + cfg.tiny_gt_chars) for t in pool[len(ev["privleak_holdout"]):]]
+    return pool[:len(pool) // 2], pool[len(pool) // 2:]
 
 
 def relearn_metrics(model, tok, rl: dict, cfg: Config) -> dict:
@@ -401,19 +410,30 @@ def relearn_points(total: int) -> list[int]:
 
 
 class HeldOutStop:
-    """ilu.unlearn's stop rule for --stop-verbmem: VerbMem on the held-out half after every step."""
+    """ilu.unlearn's stop rule for --stop-verbmem: VerbMem on the held-out half after every step; at the
+    first step at or below the threshold, unlearning ends on that step or the one before, whichever lands
+    nearer the threshold (the one before is kept as a CPU copy), so two methods stop at matched depth."""
 
     def __init__(self, model, tok, rl: dict, cfg: Config):
-        self.model, self.tok, self.rl, self.cfg, self.checks = model, tok, rl, cfg, []
+        self.model, self.tok, self.rl, self.cfg, self.checks, self.before = model, tok, rl, cfg, [], None
 
     def __call__(self, step: int) -> bool:
         import ilu
 
-        v = ilu.verbmem(self.model, self.tok, self.rl["held"], self.cfg.verbmem_tokens, self.cfg.eval_batch,
-                        progress=False)
+        v, goal = ilu.verbmem(self.model, self.tok, self.rl["held"], self.cfg.verbmem_tokens, self.cfg.eval_batch,
+                              progress=False), self.cfg.stop_verbmem
         self.checks.append(dict(step=step, verbmem_held=v))
-        tqdm.write(f"  step {step}: VerbMem on the held-out half {v:.1f} (stop at <= {self.cfg.stop_verbmem:g})")
-        return v <= self.cfg.stop_verbmem
+        tqdm.write(f"  step {step}: VerbMem on the held-out half {v:.1f} (stop at <= {goal:g})")
+        if v > goal:
+            self.before = ilu.state_of(self.model)
+            return False
+        if self.before is not None and abs(self.checks[-2]["verbmem_held"] - goal) < goal - v:
+            runlib.restore(self.model, self.before)           # the step before lands nearer: end there
+            self.checks[-2]["kept"] = True
+            tqdm.write(f"  unlearning ends on step {step - 1}, the nearer of the two")
+        else:
+            self.checks[-1]["kept"] = True
+        return True
 
 
 def never_saw_folder(cfg: Config, ev: dict) -> str:
@@ -599,7 +619,10 @@ def main():
         fail(f"--{'tiny' if cfg.tiny else 'small'} is built from MUSE-News: use --corpus news")
     explicit = runlib.explicit_flags(sys.argv[1:])
     cfg = runlib.resolve(cfg, explicit, SMALL if cfg.small else TINY,
-                         positive=("tiny_passages", "tiny_steps", "small_epochs", "relearn_batch"))
+                         positive=("tiny_passages", "tiny_steps", "small_epochs", "relearn_batch"), text_envs=("news",))
+    if "news" in cfg.ilu_env and not runlib.scaled(cfg):
+        fail("--ilu-env news is cut from the MUSE holdout texts that PrivLeak reads at full scale: use it with "
+             "--small or --tiny")
     check_relearn(cfg, explicit)
     results = runlib.start_run(cfg, extra_free=() if cfg.relearn else RELEARN_KEYS + ("stop_verbmem",))
     import ilu
@@ -614,7 +637,8 @@ def main():
         model, tok, cfg, results, tasks, forget, retain, lambda: evaluate(model, tok, ev, cfg),
         lambda t, who: finetune_stage(model, tok, t, cfg, ev, results, f"{who}/finetune/{t}",
                                       theta_o if cfg.task_vectors else None, controls),
-        metrics_line, theta_o, HeldOutStop(model, tok, rl, cfg) if cfg.stop_verbmem else None)
+        metrics_line, theta_o, HeldOutStop(model, tok, rl, cfg) if cfg.stop_verbmem else None,
+        dict(news=holdout_pool(cfg, ev)[1]) if "news" in cfg.ilu_env else None)
     if cfg.relearn:
         if not results.done("relearn/unlearned"):
             relearn_stage(model, tok, cfg, rl, results, "unlearned", theta_u, theta_u, theta_o)

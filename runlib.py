@@ -151,14 +151,15 @@ def explicit_flags(argv) -> set:
     return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
-def resolve(cfg, explicit: set, tiny_defaults: dict, positive=()):
-    """Validate the shared options (one line, exit 2) and fill method and --tiny defaults in place."""
+def resolve(cfg, explicit: set, tiny_defaults: dict, positive=(), text_envs=()):
+    """Validate the shared options (one line, exit 2) and fill method and --tiny defaults in place.
+    text_envs: a runner's own ILU environments of raw text, beside the tasks (env_data's texts)."""
     if cfg.method not in ilu.METHODS:
         fail(f"unknown method '{cfg.method}': choose one of {', '.join(ilu.METHODS)}")
     envs = [] if cfg.ilu_env == ["none"] else cfg.ilu_env
     for e in envs:
-        if e not in TASK_NAMES:
-            fail(f"unknown ILU environment '{e}': use none or tasks among {', '.join(TASK_NAMES)}")
+        if e not in TASK_NAMES and e not in text_envs:
+            fail(f"unknown ILU environment '{e}': use none or tasks among {', '.join([*TASK_NAMES, *text_envs])}")
     cfg.finetune_on = [t for t in cfg.finetune_on if t != "none"]
     for t in cfg.finetune_on:
         if t not in TASK_NAMES:
@@ -286,9 +287,12 @@ def encode(tok, items, max_length: int, windows: bool = False):
     return ilu.encode_texts(tok, items, max_length)
 
 
-def env_data(tok, cfg) -> dict:
-    """The encoded ILU environments of cfg (their training splits), {} for the base method."""
-    return {e: ilu.encode_pairs(tok, task_split(e, cfg.data_dir, None, None, cfg.seed)[0], max_length=cfg.max_length)
+def env_data(tok, cfg, texts: dict | None = None) -> dict:
+    """The encoded ILU environments of cfg (their training splits), {} for the base method; texts: raw-text
+    environments by name (every token a target), as a runner supplies them."""
+    texts = texts or {}
+    return {e: ilu.encode_texts(tok, texts[e], cfg.max_length) if e in texts else
+            ilu.encode_pairs(tok, task_split(e, cfg.data_dir, None, None, cfg.seed)[0], max_length=cfg.max_length)
             for e in cfg.ilu_env if e != "none"}
 
 
@@ -302,13 +306,14 @@ def unlearn_args(cfg) -> dict:
                 stop_forget_nll=cfg.stop_forget_nll or None, low_memory=cfg.low_memory or None, seed=cfg.seed)
 
 
-def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path, stop=None):
+def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path, stop=None, env_texts=None):
     """Unlearn (with the ILU environments of cfg), save the model to out/unlearned, record the history.
-    stop: ilu.unlearn's stop rule; what it read along the way (its `checks`, if it keeps any) is recorded."""
+    stop: ilu.unlearn's stop rule; what it read along the way (its `checks`, if it keeps any) is recorded.
+    env_texts: raw-text environments (env_data)."""
     windows = getattr(cfg, "corpus_windows", False) and not scaled(cfg)
     forget = encode(tok, forget_items, cfg.max_length, windows)
     retain = encode(tok, retain_items, cfg.max_length, windows)
-    envs = env_data(tok, cfg)
+    envs = env_data(tok, cfg, env_texts)
     start = time.perf_counter()
     history = ilu.unlearn(model, forget, retain, envs=envs, stop=stop, **unlearn_args(cfg))
     ilu.save_model(model, tok, out / "unlearned")
@@ -318,7 +323,7 @@ def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Pat
 
 
 def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, evaluate, finetune, show,
-                 theta_o=None, stop=None):
+                 theta_o=None, stop=None, env_texts=None):
     """The stages both runners share, each skipped when results already hold it:
     evaluate the original -> fine-tune it on each task (the control) -> unlearn (or reload the
     saved unlearned model) -> evaluate -> fine-tune the unlearned model on each task.
@@ -326,8 +331,8 @@ def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, ev
     evaluate() returns a metrics dict; finetune(task, who) runs and records the stage
     f"{who}/finetune/{task}" from the weights in the model; show(entry) formats a metrics line.
     Returns CPU snapshots (theta_o, theta_u) of the original and unlearned weights; theta_o: the
-    caller's snapshot of the weights as they are now, if it took one (else one is taken here); stop: the
-    unlearning's stop rule (unlearn_stage).
+    caller's snapshot of the weights as they are now, if it took one (else one is taken here); stop and
+    env_texts: the unlearning's stop rule and raw-text environments (unlearn_stage).
     """
     out = Path(cfg.out)
     theta_o = ilu.state_of(model) if theta_o is None else theta_o
@@ -343,7 +348,7 @@ def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, ev
         restore(model, SavedState(out / "unlearned", theta_o, model))
     else:
         restore(model, theta_o)
-        unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out, stop)
+        unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out, stop, env_texts)
         start = time.perf_counter()
         results.record("unlearned", evaluate(), start)
     print("unlearned: " + show(results.get("unlearned")))
@@ -970,7 +975,7 @@ def setup(cfg, setup_full, setup_tiny):
     for t, why in skipped.items():
         print(f"skipping fine-tuning set {t}: {why}")
     if scaled(cfg):
-        parts = setup_tiny(cfg, sorted(set(tasks) | {e for e in cfg.ilu_env if e != "none"}))
+        parts = setup_tiny(cfg, sorted(set(tasks) | {e for e in cfg.ilu_env if e in TASK_NAMES}))
     return (*parts, tasks)
 
 

@@ -39,7 +39,7 @@ from run_muse import SMALL  # noqa: E402
 from tiny_study import ms, relearning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-STOP = 30   # --stop-verbmem of the relearn recipe: where both methods stop unlearning (held-out VerbMem)
+STOP = 25   # --stop-verbmem of the relearn recipe: where both methods stop unlearning (held-out VerbMem)
 VARIANTS = {"NPO": ["--ilu-env", "none"], "NPO + ILU(GSM8K)": ["--ilu-env", "gsm8k"]}
 RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
     "base": ("run_muse --small as it is: NPO 20 steps at lr 5e-5 (γ 1); each fine-tuning 40 steps × 8 at lr 2e-5",
@@ -60,10 +60,25 @@ RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
                 "then fine-tuning on the attack half (40 steps × 4 at lr 2e-5), read on the held-out half",
                 ["--relearn", "--stop-verbmem", str(STOP), "--steps", "40"]),
 }
+RECIPES.update({
+    "relearn-news": ("relearn's attack; ILU's environment in the attack's own format: MUSE-News holdout texts (neither "
+                     "forget nor retain, cut as the passages are) instead of GSM8K; NPO's run is relearn's",
+                     RECIPES["relearn"][1]),
+    "relearn-lam": ("relearn's attack; ILU(GSM8K) at λ 5 instead of 1; NPO's run is relearn's", RECIPES["relearn"][1]),
+    "relearn-strong": ("relearn with a stronger attack: lr 5e-5 instead of 2e-5 (40 steps × 4)",
+                       [*RECIPES["relearn"][1], "--relearn-lr", "5e-5"]),
+    "relearn-holdout": ("relearn's unlearning; the same-format downstream attack: 40 steps × 4 at lr 2e-5 on 8 MUSE-News "
+                        "holdout texts (the forget set's format, none of its content) instead of the attack half",
+                        [*RECIPES["relearn"][1], "--relearn-on", "holdout"]),
+})
 RELEARN = [name for name, (_, flags) in RECIPES.items() if "--relearn" in flags]
+ILU_FLAGS = {"relearn-news": ["--ilu-env", "news"], "relearn-lam": ["--lam", "5"]}   # the ILU run's own flags
+ILU_LABEL = {"relearn-news": "NPO + ILU(news)", "relearn-lam": "NPO + ILU(GSM8K, λ 5)"}
+NPO_FROM = {"relearn-news": "relearn", "relearn-lam": "relearn"}    # recipes whose NPO run is another's
 
 
 def folder(out: Path, recipe: str, variant: str, seed: int) -> Path:
+    recipe = NPO_FROM.get(recipe, recipe) if variant == "NPO" else recipe
     return out / recipe / f"{'npo' if variant == 'NPO' else 'npo-ilu'}-s{seed}"
 
 
@@ -80,6 +95,7 @@ def run(out: Path, recipe: str, seed: int, data_dir: str, cache_dir: str):
             continue
         cmd = [sys.executable, "run_muse.py", "--small", "--method", "npo", *flags, "--seed", str(seed),
                "--out", str(path), "--cache-dir", cache_dir, *RECIPES[recipe][1]]
+        cmd += ILU_FLAGS.get(recipe, []) if variant != "NPO" else []
         cmd += ["--data-dir", data_dir] if data_dir else []
         if variant != "NPO":
             cmd += ["--control-from", str(folder(out, recipe, "NPO", seed))]
@@ -118,7 +134,8 @@ def tables(name: str, runs: dict, seeds: list[int]) -> str:
     if not npo:
         return f"### {name}: no finished run yet\n"
     if name in RELEARN:
-        return relearn_tables(name, runs, seeds)
+        return relearn_tables(name, {ILU_LABEL.get(name, v) if v != "NPO" else v: rs for v, rs in runs.items()},
+                              seeds)
     tasks = [k.split("/")[-1] for k in npo[0] if k.startswith("unlearned/finetune/")]
     control = [as_study(st, tasks, "original") for st in npo]
     done = {v: [as_study(st, tasks, "unlearned") for st in rs] for v, rs in runs.items() if rs}

@@ -149,6 +149,25 @@ def test_unlearn_stops_where_the_callers_rule_says():
     assert len(with_envs) == 1
 
 
+@pytest.mark.parametrize("readings, kept", [([50.0, 40.0, 27.0], 3), ([50.0, 32.0, 10.0], 2), ([29.0], 1)])
+def test_the_stop_rule_ends_on_the_step_nearer_the_threshold(monkeypatch, readings, kept):
+    """--stop-verbmem 30: the first step at or below 30 ends unlearning, on it or on the step before, whichever
+    reading is nearer 30; going back restores the weights the step before left."""
+    model = tiny_llama(layers=1)
+    cfg = runlib.parse_config(run_muse.Config, ["--relearn", "--stop-verbmem", "30"])
+    it = iter(readings)
+    monkeypatch.setattr(ilu, "verbmem", lambda *a, **k: next(it))
+    stop = run_muse.HeldOutStop(model, None, {"held": []}, cfg)
+    for step in range(1, len(readings) + 1):
+        with torch.no_grad():
+            model.lm_head.weight.fill_(float(step))                     # "step" leaves its mark on the weights
+        if stop(step):
+            break
+    assert step == len(readings)                                        # it ends at the first reading <= 30
+    assert [c["step"] for c in stop.checks if c.get("kept")] == [kept]
+    assert model.lm_head.weight.unique().tolist() == [float(kept)]
+
+
 def test_the_tiny_never_saw_control_learns_no_forget_text(monkeypatch, tmp_path):
     """--tiny's second control is the tiny recipe without the forget passages and QA, read with the target's
     tokenizer; it is a different model from the target."""
@@ -203,7 +222,8 @@ def test_relearn_at_tiny_end_to_end_with_borrowed_controls(tmp_path):
     st = res["stages"]
     assert set(st) == {"original", "unlearn", "unlearned", "relearn/unlearned", "relearn/original",
                        "relearn/never_saw"}                               # no other fine-tuning with --relearn
-    assert st["unlearn"]["stop_checks"][0]["step"] == 1 and len(st["unlearn"]["history"]) == 1  # stopped at once
+    checks = st["unlearn"]["stop_checks"]
+    assert [c["step"] for c in checks] == [1] and checks[0]["kept"] and len(st["unlearn"]["history"]) == 1
     for who in ("unlearned", "original", "never_saw"):
         e = st[f"relearn/{who}"]
         assert [p["step"] for p in e["curve"]] == [0, 1, 2, 3, 4] and e["split"] == {"attack": [0, 2], "held": [1, 3]}
