@@ -44,7 +44,8 @@ TINY = dict(  # --tiny: sizes for 2 CPU cores (about 5 minutes with the target's
     npo=dict(lr=5e-3), graddiff=dict(lr=5e-4), rmu=dict(lr=5e-3, rmu_layer=2, rmu_coeff=100.0, rmu_alpha=100.0),
     common=dict(steps=60, batch_size=16, grad_accum=1, max_length=256, env_batch_size=16, finetune_steps=40,
                 finetune_batch=8, finetune_lr=1e-4, fa_limit=200, verbmem_tokens=48, knowmem_tokens=16,
-                icl_shots=0, privleak_tokens=256, relearn_steps=40, relearn_batch=8, relearn_lr=1e-4))
+                icl_shots=0, privleak_tokens=256, relearn_steps=40, relearn_batch=8, relearn_lr=1e-4,
+                relearn_samples=0))
 SMALL = dict(  # --small: SmolLM2-135M on 2 CPU cores (README "A real model": about 16 minutes per run)
     # fine-tuning at the follow-up paper's lr 2e-5: at 1e-4 (40 steps) the control lost 28-37% of its VerbMem
     npo=dict(lr=5e-5), graddiff=dict(lr=5e-5),
@@ -53,7 +54,7 @@ SMALL = dict(  # --small: SmolLM2-135M on 2 CPU cores (README "A real model": ab
                 finetune_batch=8, finetune_lr=2e-5, finetune_on=["winogrande", "sst2"], fa_limit=64,
                 verbmem_tokens=64, knowmem_tokens=24, icl_shots=3, privleak_tokens=256, tiny_passages=16,
                 tiny_prompt_chars=300, tiny_gt_chars=250, task_vectors=True,
-                relearn_steps=40, relearn_batch=4, relearn_lr=2e-5))   # the attack: --relearn
+                relearn_steps=40, relearn_batch=4, relearn_lr=2e-5, relearn_samples=0))   # the attack: --relearn
 PROBE_PAIRS = 32          # held-out pairs of each task whose answer NLL is tracked (--small: dL, the damage)
 
 
@@ -100,6 +101,8 @@ class Config(runlib.CommonConfig):
                         "holdout texts, cut as the passages are: the forget set's format, none of its content)",
                         default="forget")
     relearn_share: float = h("--relearn: share of the forget passages in the attack half", default=0.5)
+    relearn_samples: int = h("--relearn: at most this many attack texts, drawn by --seed (Table 3: 60 forget samples); "
+                             "0: all (--tiny, --small: all, the attack half's passages)", default=60)
     relearn_steps: int = h("--relearn: attack steps; 0: --relearn-epochs", default=0)
     relearn_epochs: float = h("--relearn: attack epochs over the attack set when --relearn-steps is 0 (Table 3: 1)",
                               default=1.0)
@@ -368,6 +371,9 @@ def relearn_sets(cfg: Config, tok, ev: dict, forget: list) -> dict:
         texts = holdout_pool(cfg, ev)[0][:len(attack)]
     if not texts:
         fail(f"--relearn finds no {cfg.relearn_on} text for the attack half: check the data in --data-dir")
+    if 0 < cfg.relearn_samples < len(texts):
+        keep = sorted(random.Random(cfg.seed).sample(range(len(texts)), cfg.relearn_samples))
+        texts = [texts[i] for i in keep]
     leaked = [i for i in held if any(shingles(t) & passage_shingles(passages[i]) for t in texts)]
     if leaked:   # the attack must never train on the text it is read on
         fail(f"--relearn's attack set holds held-out passage {leaked[0]}: the split is broken")
@@ -558,8 +564,8 @@ def report(cfg: Config):
     print(text)
 
 
-RELEARN_KEYS = ("relearn", "relearn_on", "relearn_share", "relearn_steps", "relearn_epochs", "relearn_batch",
-                "relearn_lr", "never_saw")
+RELEARN_KEYS = ("relearn", "relearn_on", "relearn_share", "relearn_samples", "relearn_steps", "relearn_epochs",
+                "relearn_batch", "relearn_lr", "never_saw")
 CONTROL_KEYS = ("model", "seed", "corpus", "tiny", "small", "small_epochs", "small_lr", "data_dir", "cpu_kernels",
                 "finetune_steps", "finetune_epochs", "finetune_batch", "finetune_lr", "fa_limit", "max_length",
                 "verbmem_tokens", "knowmem_tokens", "icl_shots", "privleak_tokens", "eval_limit", "task_vectors",
@@ -601,8 +607,8 @@ def check_relearn(cfg: Config, explicit: set):
         fail("--stop-verbmem reads the held-out half of --relearn's split: add --relearn")
     if not 0 < cfg.relearn_share < 1:
         fail(f"--relearn-share must be between 0 and 1 (got {cfg.relearn_share})")
-    if cfg.relearn_steps < 0 or cfg.relearn_epochs <= 0 or cfg.relearn_lr <= 0:
-        fail("--relearn-steps must be >= 0, --relearn-epochs and --relearn-lr positive")
+    if cfg.relearn_steps < 0 or cfg.relearn_samples < 0 or cfg.relearn_epochs <= 0 or cfg.relearn_lr <= 0:
+        fail("--relearn-steps and --relearn-samples must be >= 0, --relearn-epochs and --relearn-lr positive")
     if cfg.relearn and "finetune_on" not in explicit:
         cfg.finetune_on = []
 

@@ -106,6 +106,8 @@ def test_the_full_scale_attack_documents_hold_no_held_out_passage():
         assert not any(gt[j:j + 40] in t for j in range(0, len(gt) - 40, 10) for t in texts), i
     covered = [i for i in attack if any(ev["verbmem"][i]["gt"][:60] in t for t in texts)]
     assert len(covered) >= 0.7 * len(attack)                            # seed 0: 43 of 50
+    rl = run_muse.relearn_sets(cfg, runlib.train_tokenizer([], merges=False), ev, docs)
+    assert len(rl["attack_texts"]) == 60 and set(rl["attack_texts"]) <= set(texts)   # Table 3's 60 samples
 
 
 @needs_data
@@ -117,6 +119,29 @@ def test_a_leak_stops_the_run(monkeypatch):
     with pytest.raises(SystemExit) as e:
         run_muse.relearn_sets(cfg, tok, d["ev"], d["forget"])
     assert e.value.code == 2
+
+
+@needs_data
+def test_holdout_texts_are_news_the_target_never_read():
+    """--relearn-on holdout and the ILU environment "news": MUSE holdout texts past PrivLeak's, cut as the
+    passages are, the two sets disjoint and none of them a forget, retain or PrivLeak text."""
+    cfg = small_config(["--relearn-on", "holdout"])
+    d = run_muse.scaled_sets(cfg)
+    attack, env = run_muse.holdout_pool(cfg, d["ev"])
+    assert len(attack) == len(env) == 42 and not set(attack) & set(env)
+    assert all(len(t) <= cfg.tiny_prompt_chars + cfg.tiny_gt_chars for t in attack + env)
+    seen = set(d["forget"]) | set(d["retain"]) | set(d["ev"]["privleak_holdout"])
+    assert not any(t[200:300] in u for t in attack + env for u in seen)   # (the start can be boilerplate)
+    rl = run_muse.relearn_sets(cfg, runlib.train_tokenizer([], merges=False), d["ev"], d["forget"])
+    assert rl["attack_texts"] == attack[:len(rl["split"]["attack"])]
+
+
+def test_a_text_environment_trains_every_token():
+    tok = runlib.train_tokenizer([], merges=False)
+    cfg = runlib.parse_config(run_muse.Config, ["--ilu-env", "news", "--max-length", "16"])
+    envs = runlib.env_data(tok, cfg, {"news": ["Some news of the day.", "More news"]})
+    assert list(envs) == ["news"] and len(envs["news"]) == 2
+    assert all(e["labels"] == e["input_ids"] and len(e["input_ids"]) <= 16 for e in envs["news"])
 
 
 def test_share_back_by_hand():
@@ -254,6 +279,8 @@ def test_relearn_at_tiny_end_to_end_with_borrowed_controls(tmp_path):
     (["--stop-verbmem", "20"], "--stop-verbmem reads the held-out half of --relearn's split: add --relearn"),
     (["--relearn", "--relearn-on", "wiki"], "unknown --relearn-on 'wiki'"),
     (["--relearn", "--relearn-share", "1.5"], "--relearn-share must be between 0 and 1"),
+    (["--ilu-env", "news"], "--ilu-env news is cut from the MUSE holdout texts that PrivLeak reads at full scale"),
+    (["--ilu-env", "wiki"], "unknown ILU environment 'wiki': use none or tasks among gsm8k"),
 ])
 def test_bad_relearn_options_one_line_exit_2(args, message, tmp_path):
     r = run_script("run_muse.py", [*args, "--out", str(tmp_path / "run")], tmp_path, timeout=120)
