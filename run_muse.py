@@ -21,6 +21,13 @@ a pretrained LM fine-tuned on the news; the fine-tuned originals are kept to mea
 vectors of every fine-tuning (README "A real model"):
 
     python run_muse.py --small --method npo --ilu-env gsm8k --data-dir ../shared/data --out runs/small/npo-ilu
+
+--relearn runs the paper's Table 3 attack instead of the other fine-tunings: the forget passages are
+split in two by --seed; after unlearning, the model is fine-tuned on the attack half and VerbMem, the
+forget NLL and KnowMem are read on the held-out half at the attack's quartiles, beside the target and a
+model that never saw the passages attacked the same way (docs/real_study.md, "The relearning attack"):
+
+    python run_muse.py --small --relearn --method npo --ilu-env none --data-dir ../shared/data --out runs/small/relearn
 """
 from __future__ import annotations
 
@@ -112,9 +119,11 @@ class Config(runlib.CommonConfig):
                        "the forget passages; empty: MUSE's retrain model of --corpus (--small: --model before the "
                        "target's fine-tuning; --tiny: the tiny recipe trained without the forget passages and QA)",
                        default="")
-    stop_verbmem: float = h("--relearn: end unlearning after the first step that leaves VerbMem on the held-out half "
-                            "at most this (checked after every step, at most --steps): forgetting matched across "
-                            "methods; 0: run all --steps", default=0.0)
+    stop_verbmem: float = h("--relearn: end unlearning once VerbMem on the held-out half is at most this (checked after "
+                            "every step, at most --steps; on the first step at or below it, or the one before if that "
+                            "lands nearer): forgetting matched across methods; 0: run all --steps", default=0.0)
+    stop_tolerance: float = h("--stop-verbmem: stop already at the first step within this many points above it (a "
+                              "method matched to another's depth that it may not pass)", default=0.0)
 
 
 def qa_text(r: dict) -> str:
@@ -417,8 +426,9 @@ def relearn_points(total: int) -> list[int]:
 
 class HeldOutStop:
     """ilu.unlearn's stop rule for --stop-verbmem: VerbMem on the held-out half after every step; at the
-    first step at or below the threshold, unlearning ends on that step or the one before, whichever lands
-    nearer the threshold (the one before is kept as a CPU copy), so two methods stop at matched depth."""
+    first step at or below the threshold (plus --stop-tolerance), unlearning ends on that step or the one
+    before, whichever lands nearer the threshold (the one before is kept as a CPU copy), so two methods
+    stop at matched depth."""
 
     def __init__(self, model, tok, rl: dict, cfg: Config):
         self.model, self.tok, self.rl, self.cfg, self.checks, self.before = model, tok, rl, cfg, [], None
@@ -430,10 +440,10 @@ class HeldOutStop:
                               progress=False), self.cfg.stop_verbmem
         self.checks.append(dict(step=step, verbmem_held=v))
         tqdm.write(f"  step {step}: VerbMem on the held-out half {v:.1f} (stop at <= {goal:g})")
-        if v > goal:
+        if v > goal + self.cfg.stop_tolerance:
             self.before = ilu.state_of(self.model)
             return False
-        if self.before is not None and abs(self.checks[-2]["verbmem_held"] - goal) < goal - v:
+        if self.before is not None and abs(self.checks[-2]["verbmem_held"] - goal) < abs(goal - v):
             runlib.restore(self.model, self.before)           # the step before lands nearer: end there
             self.checks[-2]["kept"] = True
             tqdm.write(f"  unlearning ends on step {step - 1}, the nearer of the two")
@@ -605,6 +615,8 @@ def check_relearn(cfg: Config, explicit: set):
         fail(f"unknown --relearn-on '{cfg.relearn_on}': forget or holdout")
     if cfg.stop_verbmem and not cfg.relearn:
         fail("--stop-verbmem reads the held-out half of --relearn's split: add --relearn")
+    if cfg.stop_tolerance < 0:
+        fail(f"--stop-tolerance must be >= 0 (got {cfg.stop_tolerance})")
     if not 0 < cfg.relearn_share < 1:
         fail(f"--relearn-share must be between 0 and 1 (got {cfg.relearn_share})")
     if cfg.relearn_steps < 0 or cfg.relearn_samples < 0 or cfg.relearn_epochs <= 0 or cfg.relearn_lr <= 0:
@@ -630,7 +642,7 @@ def main():
         fail("--ilu-env news is cut from the MUSE holdout texts that PrivLeak reads at full scale: use it with "
              "--small or --tiny")
     check_relearn(cfg, explicit)
-    results = runlib.start_run(cfg, extra_free=() if cfg.relearn else RELEARN_KEYS + ("stop_verbmem",))
+    results = runlib.start_run(cfg, extra_free=() if cfg.relearn else RELEARN_KEYS + ("stop_verbmem", "stop_tolerance"))
     import ilu
 
     model, tok, ev, forget, retain, tasks = runlib.setup(cfg, setup_full, setup_small if cfg.small else setup_tiny)

@@ -39,7 +39,8 @@ from run_muse import SMALL  # noqa: E402
 from tiny_study import ms, relearning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-STOP = 25   # --stop-verbmem of the relearn recipe: where both methods stop unlearning (held-out VerbMem)
+STOP = 25        # --stop-verbmem of the relearn recipes' NPO: where it stops unlearning (held-out VerbMem)
+TOLERANCE = 2    # ... and their ILU runs stop within this many points above the depth NPO reached
 VARIANTS = {"NPO": ["--ilu-env", "none"], "NPO + ILU(GSM8K)": ["--ilu-env", "gsm8k"]}
 RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
     "base": ("run_muse --small as it is: NPO 20 steps at lr 5e-5 (γ 1); each fine-tuning 40 steps × 8 at lr 2e-5",
@@ -55,9 +56,10 @@ RECIPES = {  # name: (what the lever is, run_muse flags over --small's defaults)
                       ["--tiny-passages", "32", "--beta", "0.01", "--lr", "1e-4", "--steps", "80"]),
     "long-target": ("the target's epochs: 16 instead of 8 over its texts (another target), deep's unlearning",
                     ["--small-epochs", "16", "--beta", "0.01", "--lr", "1e-4", "--steps", "40"]),
-    "relearn": ("the relearning attack (Table 3): the 16 passages split in two by the seed; unlearning stops once "
-                f"VerbMem on the held-out half is at most {STOP} (at most 40 steps at lr 5e-5: matched forgetting); "
-                "then fine-tuning on the attack half (40 steps × 4 at lr 2e-5), read on the held-out half",
+    "relearn": ("the relearning attack (Table 3): the 16 passages split in two by the seed; NPO unlearns until VerbMem "
+                f"on the held-out half is at most {STOP}, NPO + ILU until it is within {TOLERANCE} points of NPO's (each at "
+                "most 40 steps at lr 5e-5: matched forgetting); then fine-tuning on the attack half (40 steps × 4 at "
+                "lr 2e-5), read on the held-out half",
                 ["--relearn", "--stop-verbmem", str(STOP), "--steps", "40"]),
 }
 RECIPES.update({
@@ -99,6 +101,7 @@ def run(out: Path, recipe: str, seed: int, data_dir: str, cache_dir: str):
         cmd += ["--data-dir", data_dir] if data_dir else []
         if variant != "NPO":
             cmd += ["--control-from", str(folder(out, recipe, "NPO", seed))]
+            cmd += matched_stop(folder(out, recipe, "NPO", seed)) if recipe in RELEARN else []
         path.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         print(f"{recipe}, seed {seed}, {variant}: {' '.join(cmd[1:])}", flush=True)
@@ -111,6 +114,13 @@ def run(out: Path, recipe: str, seed: int, data_dir: str, cache_dir: str):
     control_models = folder(out, recipe, "NPO", seed) / "tv"        # 0.5 GB per task: no longer needed
     if finished(folder(out, recipe, "NPO + ILU(GSM8K)", seed)) and control_models.exists():
         shutil.rmtree(control_models)
+
+
+def matched_stop(npo: Path) -> list[str]:
+    """An ILU run's stop rule at matched forgetting: VerbMem on the held-out half within TOLERANCE points of
+    the depth the NPO run of the same recipe and seed reached."""
+    reached = json.loads((npo / "results.json").read_text())["stages"]["relearn/unlearned"]["curve"][0]["verbmem_held"]
+    return ["--stop-verbmem", repr(reached), "--stop-tolerance", str(TOLERANCE)]
 
 
 def load(out: Path, recipe: str, seeds: list[int]) -> dict:
@@ -190,16 +200,16 @@ def tables(name: str, runs: dict, seeds: list[int]) -> str:
     return text + runlib.markdown_table(["model", *tasks], rel) + "\n"
 
 
-def relearn_verdict(runs: list[dict]) -> dict:
-    """The study's criterion on the held-out half at the attack's last checkpoint, over seeds: relearning when
-    the mean share back is at least a third, the mean gain more than twice its seed spread and more than the
+def relearn_verdict(runs: list[dict], i: int = -1) -> dict:
+    """The study's criterion on the held-out half at the attack's checkpoint i, over seeds: relearning when the
+    mean share back is at least a third, the mean gain more than twice its seed spread and more than the
     never-saw control's gain on the same half, while the attacked target keeps at least 90% of its VerbMem."""
-    held = lambda st, who, i: st[f"relearn/{who}"]["curve"][i]["verbmem_held"]  # noqa: E731
-    gains = [held(st, "unlearned", -1) - held(st, "unlearned", 0) for st in runs]
-    shares = [run_muse.share_back(held(st, "original", 0), held(st, "unlearned", 0), held(st, "unlearned", -1))
+    held = lambda st, who, j: st[f"relearn/{who}"]["curve"][j]["verbmem_held"]  # noqa: E731
+    gains = [held(st, "unlearned", i) - held(st, "unlearned", 0) for st in runs]
+    shares = [run_muse.share_back(held(st, "original", 0), held(st, "unlearned", 0), held(st, "unlearned", i))
               for st in runs]
-    never = statistics.mean(held(st, "never_saw", -1) - held(st, "never_saw", 0) for st in runs)
-    kept = statistics.mean(held(st, "original", -1) / held(st, "original", 0) for st in runs)
+    never = statistics.mean(held(st, "never_saw", i) - held(st, "never_saw", 0) for st in runs)
+    kept = statistics.mean(held(st, "original", i) / held(st, "original", 0) for st in runs)
     spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
     gain, share = statistics.mean(gains), statistics.mean(shares)
     return dict(share=share, gain=gain, spread=spread, never_saw_gain=never, target_kept=kept,
@@ -259,12 +269,13 @@ def relearn_tables(name: str, runs: dict, seeds: list[int]) -> str:
                                       "cos back", "‖τu‖/‖τrl‖"], rows) + "\n\n")
     rows = []
     for v, rs in done.items():
-        r = relearn_verdict(rs)
-        rows.append([v, f"{r['share']:+.2f}", f"{r['gain']:+.1f} ± {r['spread']:.1f}", f"{r['never_saw_gain']:+.1f}",
-                     f"{100 * r['target_kept']:.0f}%", "yes" if r["relearns"] else "no"])
-    text += ("Relearning by the criterion (at the last step: share back ≥ 1/3, gain > 2 × its seed spread and > the "
-             "never-saw control's gain, the attacked target keeping ≥ 90%):\n\n"
-             + runlib.markdown_table(["model", "share back", "gain (points)", "never-saw gain", "target kept",
+        for i, step in enumerate(steps[1:], 1):
+            r = relearn_verdict(rs, i)
+            rows.append([v, step, f"{r['share']:+.2f}", f"{r['gain']:+.1f} ± {r['spread']:.1f}",
+                         f"{r['never_saw_gain']:+.1f}", f"{100 * r['target_kept']:.0f}%", "yes" if r["relearns"] else "no"])
+    text += ("Relearning by the criterion at each checkpoint (share back ≥ 1/3, gain > 2 × its seed spread and > the "
+             "never-saw control's gain on the same half, the attacked target keeping ≥ 90%):\n\n"
+             + runlib.markdown_table(["model", "step", "share back", "gain (points)", "never-saw gain", "target kept",
                                       "relearns"], rows) + "\n")
     return text
 

@@ -174,12 +174,14 @@ def test_unlearn_stops_where_the_callers_rule_says():
     assert len(with_envs) == 1
 
 
-@pytest.mark.parametrize("readings, kept", [([50.0, 40.0, 27.0], 3), ([50.0, 32.0, 10.0], 2), ([29.0], 1)])
-def test_the_stop_rule_ends_on_the_step_nearer_the_threshold(monkeypatch, readings, kept):
-    """--stop-verbmem 30: the first step at or below 30 ends unlearning, on it or on the step before, whichever
-    reading is nearer 30; going back restores the weights the step before left."""
+@pytest.mark.parametrize("readings, tolerance, kept", [
+    ([50.0, 40.0, 27.0], 0, 3), ([50.0, 32.0, 10.0], 0, 2), ([29.0], 0, 1),
+    ([50.0, 32.5, 31.0], 2, 3), ([50.0, 32.5, 31.5, 20.0], 1, 3), ([40.0, 31.0], 2, 2)])
+def test_the_stop_rule_ends_on_the_step_nearer_the_threshold(monkeypatch, readings, tolerance, kept):
+    """--stop-verbmem 30: the first step at or below 30 (+ --stop-tolerance) ends unlearning, on it or on the step
+    before, whichever reading is nearer 30; going back restores the weights the step before left."""
     model = tiny_llama(layers=1)
-    cfg = runlib.parse_config(run_muse.Config, ["--relearn", "--stop-verbmem", "30"])
+    cfg = runlib.parse_config(run_muse.Config, ["--relearn", "--stop-verbmem", "30", "--stop-tolerance", str(tolerance)])
     it = iter(readings)
     monkeypatch.setattr(ilu, "verbmem", lambda *a, **k: next(it))
     stop = run_muse.HeldOutStop(model, None, {"held": []}, cfg)
@@ -325,9 +327,14 @@ def test_relearn_tables_and_criterion_by_hand(tmp_path):
     # gains 20 and 24: mean 22 > 2 x 2.83 and > the never-saw control's +2; target keeps 78/80 = 97.5%
     assert r["gain"] == 22.0 and r["spread"] == pytest.approx(2 ** 1.5) and r["never_saw_gain"] == 2.0
     assert r["target_kept"] == pytest.approx(0.975) and r["relearns"]
-    assert "| NPO | +0.40 | +22.0 ± 2.8 | +2.0 | 98% | yes |" in text
+    assert "| NPO | 40 | +0.40 | +22.0 ± 2.8 | +2.0 | 98% | yes |" in text
+    assert "| NPO | 20 | +0.32 | +17.5 ± 3.5 | +1.0 | 100% | no |" in text    # a third not reached at step 20
+    assert real_study.relearn_verdict(runs["NPO"], 1)["share"] == pytest.approx((0.3 + 1 / 3) / 2)
     assert "| NPO + ILU(GSM8K) | 5.0 ± 0.0 | 1.0 ± 0.0 |" in text          # steps to the stop, |Δ held-out VerbMem|
     assert "2 passages attack, 2 are held out" in text
+    # the ILU run's stop rule: within 2 points of the depth NPO reached on the same seed (seed 0: 30)
+    assert real_study.matched_stop(real_study.folder(out, "relearn", "NPO", 0)) == [
+        "--stop-verbmem", "30.0", "--stop-tolerance", "2"]
     # a never-saw control that gains as much as NPO: learning the attack half itself, not relearning
     out2 = tmp_path / "study2"
     for seed, u in enumerate([(30.0, 45.0, 50.0), (20.0, 40.0, 44.0)]):
