@@ -1075,9 +1075,10 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
     decay: NPO on WMDP; steps: one pass over `forget`) and env_batch_size examples per environment, in chunks
     of env_micro_batch rows; env_grad_batch: the split estimator (_irm_backward_in_pieces). stop_forget_nll
     (NPO, GradDiff): end after the first step whose forget batch had a mean answer NLL of at least this many
-    nats, the lr schedule still that of `steps`; stop(step), called after each step with the model in eval mode,
-    ends it there when it returns True (a caller's own rule, e.g. a metric reached). low_memory: one packed forward and one backward a step, the
-    optimizer inside it (`Updater`). In place; returns a dict a step: step, forget, retain, irm, lr, ms, forget_nll."""
+    nats, the lr schedule still that of `steps`; stop(step), called after each step with the model in eval
+    mode, ends it there when it returns True (a caller's rule, e.g. a metric reached). low_memory: one packed
+    forward and one backward a step, the optimizer inside it (`Updater`). In place; returns a dict a step:
+    step, forget, retain, irm, lr, ms, forget_nll."""
     envs = _checked_envs(method, forget, retain, envs, lam, env_grad_batch, stop_forget_nll)
     steps = steps or math.ceil(len(forget) / (batch_size * grad_accum))
     log = log or (tqdm.write if is_main() else (lambda line: None))

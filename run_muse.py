@@ -398,11 +398,11 @@ def relearn_sets(cfg: Config, tok, ev: dict, forget: list) -> dict:
 def holdout_pool(cfg: Config, ev: dict) -> tuple[list[str], list[str]]:
     """MUSE holdout texts (neither forget nor retain) past those PrivLeak reads, cut as the passages are
     (--tiny, --small): the first half for --relearn-on holdout, the second for the ILU environment "news"
-    (the forget set's format, none of its content). Full scale: PrivLeak reads every holdout text, so the
-    attack takes them whole (PrivLeak is not read after it) and there is no "news" environment."""
-    pool = runlib.load_muse("privleak", "holdout", cfg.corpus, cfg.data_dir)
+    (the forget set's format, none of its content). Full scale: MUSE's raw holdout documents for the
+    attack (PrivLeak, which reads excerpts of them, is not read after it) and no "news" environment."""
     if not runlib.scaled(cfg):
-        return pool, []
+        return runlib.load_corpus(f"muse-{cfg.corpus}-holdout", cfg.data_dir), []
+    pool = runlib.load_muse("privleak", "holdout", cfg.corpus, cfg.data_dir)
     pool = [cut_words(t, cfg.tiny_prompt_chars + cfg.tiny_gt_chars) for t in pool[len(ev["privleak_holdout"]):]]
     return pool[:len(pool) // 2], pool[len(pool) // 2:]
 
@@ -439,7 +439,8 @@ class HeldOutStop:
         v, goal = ilu.verbmem(self.model, self.tok, self.rl["held"], self.cfg.verbmem_tokens, self.cfg.eval_batch,
                               progress=False), self.cfg.stop_verbmem
         self.checks.append(dict(step=step, verbmem_held=v))
-        tqdm.write(f"  step {step}: VerbMem on the held-out half {v:.1f} (stop at <= {goal:g})")
+        tqdm.write(f"  step {step}: VerbMem on the held-out half {v:.1f} "
+                   f"(stop at <= {goal + self.cfg.stop_tolerance:.1f})")
         if v > goal + self.cfg.stop_tolerance:
             self.before = ilu.state_of(self.model)
             return False

@@ -272,7 +272,8 @@ def relearn_tables(name: str, runs: dict, seeds: list[int]) -> str:
         for i, step in enumerate(steps[1:], 1):
             r = relearn_verdict(rs, i)
             rows.append([v, step, f"{r['share']:+.2f}", f"{r['gain']:+.1f} ± {r['spread']:.1f}",
-                         f"{r['never_saw_gain']:+.1f}", f"{100 * r['target_kept']:.0f}%", "yes" if r["relearns"] else "no"])
+                         f"{r['never_saw_gain']:+.1f}", f"{100 * r['target_kept']:.0f}%",
+                         "yes" if r["relearns"] else "no"])
     text += ("Relearning by the criterion at each checkpoint (share back ≥ 1/3, gain > 2 × its seed spread and > the "
              "never-saw control's gain on the same half, the attacked target keeping ≥ 90%):\n\n"
              + runlib.markdown_table(["model", "step", "share back", "gain (points)", "never-saw gain", "target kept",
@@ -329,7 +330,8 @@ def main():
                     help="after the runs, count the figures identical to those of the same runs in PATH (a study "
                          "folder, or benchmarks/real_study_reference.json); exit 1 unless all are")
     ap.add_argument("--save-reference", default=None, metavar="FILE",
-                    help="write every finished run's stages to FILE (the reference --compare reads)")
+                    help="write every finished run's stages to FILE (the reference --compare reads), beside the runs "
+                         "FILE already holds")
     args = ap.parse_args()
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
@@ -348,7 +350,9 @@ def main():
     runlib.write_atomic(out / "study.json", json.dumps({n: load(out, n, args.seeds) for n in args.recipes}))
     print(text)
     if args.save_reference:
-        runlib.write_atomic(Path(args.save_reference), json.dumps(collect(out), indent=0))
+        ref = Path(args.save_reference)
+        runs = {**(collect(ref) if ref.is_file() else {}), **collect(out)}
+        runlib.write_atomic(ref, json.dumps(runs, indent=0))
     if args.compare:
         sys.exit(compare(out, Path(args.compare)))
 

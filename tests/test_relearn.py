@@ -3,6 +3,7 @@ the never-saw control, the stop rule, and a micro run end to end."""
 import copy
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import ilu
 import run_muse
 import runlib
-from conftest import DATA, needs_data, run_script, tiny_llama, token_pairs, token_texts
+from conftest import DATA, ROOT, needs_data, run_script, tiny_llama, token_pairs, token_texts
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import real_study  # noqa: E402
@@ -335,6 +336,15 @@ def test_relearn_tables_and_criterion_by_hand(tmp_path):
     # the ILU run's stop rule: within 2 points of the depth NPO reached on the same seed (seed 0: 30)
     assert real_study.matched_stop(real_study.folder(out, "relearn", "NPO", 0)) == [
         "--stop-verbmem", "30.0", "--stop-tolerance", "2"]
+    # --save-reference adds the runs to a reference that holds others (the base recipe's)
+    ref = tmp_path / "reference.json"
+    ref.write_text(json.dumps({"base/npo-s0": {"original": {"verbmem": 87.7}}}))
+    r = subprocess.run([sys.executable, "benchmarks/real_study.py", "--out", str(out), "--recipes", "relearn",
+                        "--seeds", "0", "1", "--report", "--save-reference", str(ref)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(json.loads(ref.read_text())) == ["base/npo-s0", "relearn/npo-ilu-s0", "relearn/npo-ilu-s1",
+                                                   "relearn/npo-s0", "relearn/npo-s1"]
     # a never-saw control that gains as much as NPO: learning the attack half itself, not relearning
     out2 = tmp_path / "study2"
     for seed, u in enumerate([(30.0, 45.0, 50.0), (20.0, 40.0, 44.0)]):
