@@ -216,6 +216,12 @@ def relearn_verdict(runs: list[dict], i: int = -1) -> dict:
                 relearns=share >= 1 / 3 and gain > 2 * spread and gain > never and kept >= 0.9)
 
 
+def unlearning_steps(entry: dict) -> int:
+    """The steps the unlearned model took: the one its stop rule kept (run_muse.HeldOutStop), else all it ran."""
+    kept = [c["step"] for c in entry.get("stop_checks", []) if c.get("kept")]
+    return kept[0] if kept else len(entry["history"])
+
+
 def relearn_tables(name: str, runs: dict, seeds: list[int]) -> str:
     """The relearning attack's tables: held-out VerbMem along the attack for the two controls and each method,
     the share back, the attack half and the forget NLL, the diagnostics and the criterion."""
@@ -256,7 +262,7 @@ def relearn_tables(name: str, runs: dict, seeds: list[int]) -> str:
     rows = []
     for v, rs in done.items():
         g = [st["relearn/unlearned"]["geometry"] for st in rs]
-        rows.append([v, ms([len(st["unlearn"]["history"]) for st in rs], 1),
+        rows.append([v, ms([unlearning_steps(st["unlearn"]) for st in rs], 1),
                      ms([abs(a["relearn/unlearned"]["curve"][0]["verbmem_held"]
                              - b["relearn/unlearned"]["curve"][0]["verbmem_held"]) for a, b in zip(rs, first)], 1),
                      ms([st["unlearned"]["knowmem_retain"] for st in rs], 1),

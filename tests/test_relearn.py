@@ -298,7 +298,9 @@ def relearn_run(path, target, never, unlearned, matched_stop=3):
                      knowmem_forget=20.0) for s, v in zip((0, 20, 40), held)]
 
     split = dict(attack=[0, 2], held=[1, 3])
-    st = {"original": metrics(90.0), "unlearn": dict(history=[{}] * matched_stop), "unlearned": metrics(unlearned[0]),
+    unlearn = dict(history=[{}] * (matched_stop + 1), stop_checks=[dict(step=matched_stop, kept=True),
+                                                                  dict(step=matched_stop + 1)])
+    st = {"original": metrics(90.0), "unlearn": unlearn, "unlearned": metrics(unlearned[0]),
           "relearn/original": dict(curve=curve(target), split=split),
           "relearn/never_saw": dict(curve=curve(never), split=split),
           "relearn/unlearned": dict(curve=curve(unlearned), split=split,
