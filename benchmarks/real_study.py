@@ -104,7 +104,8 @@ def run(out: Path, recipe: str, seed: int, data_dir: str, cache_dir: str):
             cmd += matched_stop(folder(out, recipe, "NPO", seed)) if recipe in RELEARN else []
         path.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        print(f"{recipe}, seed {seed}, {variant}: {' '.join(cmd[1:])}", flush=True)
+        label = ILU_LABEL.get(recipe, variant) if variant != "NPO" else variant
+        print(f"{recipe}, seed {seed}, {label}: {' '.join(cmd[1:])}", flush=True)
         with open(path / "log.txt", "a") as log:
             done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
