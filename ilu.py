@@ -1051,16 +1051,23 @@ def _one_forward(model, batches: Sequence[Mapping[str, torch.Tensor]]) -> Callab
     return lambda b: out[id(b)]
 
 
+def _stopped(model, stop: Callable[[int], bool], step: int) -> bool:
+    """A caller's stop rule, asked with the model in eval mode (and back in train mode when it says go on)."""
+    model.eval()
+    if stop(step):
+        return True
+    model.train()
+    return False
+
+
 def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method: str = "npo",
-            envs: Mapping[str, Sequence[Mapping]] | None = None, lam: float = 1.0, *,
-            steps: int | None = None, batch_size: int = 1, grad_accum: int = 4,
-            env_batch_size: int = 48, env_micro_batch: int | None = None,
+            envs: Mapping[str, Sequence[Mapping]] | None = None, lam: float = 1.0, *, steps: int | None = None,
+            batch_size: int = 1, grad_accum: int = 4, env_batch_size: int = 48, env_micro_batch: int | None = None,
             env_grad_batch: int | None = None, lr: float = 1e-5, warmup: float = 0.1, weight_decay: float = 0.0,
-            max_grad_norm: float | None = 1.0, beta: float = 0.1, gamma: float = 1.0,
-            rmu_layer: int = 7, rmu_coeff: float = 6.5, rmu_alpha: float = 1200.0,
-            stop_forget_nll: float | None = None, stop: Callable[[int], bool] | None = None,
-            low_memory: str | None = None, seed: int = 0, progress: bool = True,
-            log: Callable[[str], None] | None = None) -> list[dict]:
+            max_grad_norm: float | None = 1.0, beta: float = 0.1, gamma: float = 1.0, rmu_layer: int = 7,
+            rmu_coeff: float = 6.5, rmu_alpha: float = 1200.0, stop_forget_nll: float | None = None,
+            stop: Callable[[int], bool] | None = None, low_memory: str | None = None, seed: int = 0,
+            progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
     """Unlearn `forget` while keeping `retain`, optionally with the ILU penalty over `envs`.
 
     Objective per optimizer step (ILU when envs is given, the base method otherwise):
@@ -1127,11 +1134,8 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
             if stop_forget_nll is not None and nll_tokens and nll_sum / nll_tokens >= stop_forget_nll:
                 log(f"stop: the forget batch's NLL {nll_sum / nll_tokens:.3f} nats/token reached {stop_forget_nll}")
                 break
-            if stop is not None:
-                model.eval()
-                if stop(step + 1):
-                    break
-                model.train()
+            if stop is not None and _stopped(model, stop, step + 1):
+                break
     finally:
         opt.close()
         _reshard(model)
