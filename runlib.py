@@ -683,9 +683,13 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _hub(name: str, config: str | None, split: str):
+def _hub(name: str, config: str | None, split: str, files: str | None = None):
+    """One split of a hub data set. files: a pattern of the repository's files holding that split,
+    given where its config has splits not needed (datasets downloads every split of a config)."""
     try:
         from datasets import load_dataset
+        if files:
+            return load_dataset(name, data_files={split: files}, split=split)
         return load_dataset(name, config, split=split)
     except Exception as e:  # network, gated repo, unknown config: one line, then exit 2 in the runners
         raise ilu.ILUError(f"cannot load {name} ({config or 'default'}, {split}) from the hub: {_first_line(e)}; "
@@ -750,6 +754,7 @@ def load_questions(name: str, data_dir=None, split: str = "test") -> list[dict]:
     name: "wmdp-bio", "wmdp-cyber", "wmdp-chem" (cais/wmdp), "mmlu" (all subjects; locally,
     every subject file present) or "mmlu:<subject>", e.g. "mmlu:college_biology" (cais/mmlu).
     subject is the text the prompt names: "biology", "cybersecurity", "college biology".
+    split (MMLU): "test", "val" (the hub's "validation") or "dev"; WMDP has only "test".
     """
     what = "multiple-choice questions with question, choices (4) and answer"
     if name in WMDP:
@@ -775,7 +780,9 @@ def load_questions(name: str, data_dir=None, split: str = "test") -> list[dict]:
                     out.append(dict(question=q, choices=[a, b, c, d], answer="ABCD".index(letter),
                                     subject=path.name[:-len(f"_{split}.csv")].replace("_", " ")))
         else:
-            rows, where = _hub("cais/mmlu", subject or "all", split), "cais/mmlu"
+            config, hub_split = subject or "all", {"val": "validation"}.get(split, split)
+            # cais/mmlu's "all" config also holds auxiliary_train (100k questions): read only this split's files
+            rows, where = _hub("cais/mmlu", config, hub_split, files=f"{config}/{hub_split}-*"), "cais/mmlu"
             out = [dict(question=r["question"], choices=list(r["choices"]), answer=int(r["answer"]),
                         subject=(subject or r["subject"]).replace("_", " ")) for r in rows]
     else:
