@@ -34,119 +34,16 @@ Sources (dataset_info / configs in each card's README, and the viewer):
                                label ClassLabel not_duplicate, duplicate, idx; train/validation/test)
 """
 import csv
-import fnmatch
 import json
 from pathlib import Path
 
 import pytest
 
 datasets = pytest.importorskip("datasets")
-from datasets import ClassLabel, Dataset, Features, List, Value  # noqa: E402
 
 import ilu  # noqa: E402
 import runlib  # noqa: E402
-
-S, I64, I32 = Value("string"), Value("int64"), Value("int32")
-MMLU_SUBJECTS = """abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology
-college_chemistry college_computer_science college_mathematics college_medicine college_physics computer_security
-conceptual_physics econometrics electrical_engineering elementary_mathematics formal_logic global_facts
-high_school_biology high_school_chemistry high_school_computer_science high_school_european_history
-high_school_geography high_school_government_and_politics high_school_macroeconomics high_school_mathematics
-high_school_microeconomics high_school_physics high_school_psychology high_school_statistics high_school_us_history
-high_school_world_history human_aging human_sexuality international_law jurisprudence logical_fallacies
-machine_learning management marketing medical_genetics miscellaneous moral_disputes moral_scenarios nutrition
-philosophy prehistory professional_accounting professional_law professional_medicine professional_psychology
-public_relations security_studies sociology us_foreign_policy virology world_religions""".split()
-assert len(MMLU_SUBJECTS) == 57
-
-
-def _mmlu():
-    f = Features(question=S, subject=S, choices=List(S), answer=ClassLabel(names=list("ABCD")))
-    out = {s: {sp: f for sp in ("test", "validation", "dev")} for s in MMLU_SUBJECTS}
-    out["all"] = {sp: f for sp in ("test", "validation", "dev", "auxiliary_train")}
-    out["auxiliary_train"] = {"train": f}
-    return out
-
-
-def _muse():
-    text, qa = Features(text=S), Features(answer=S, question=S)
-    return {"raw": {s: text for s in ("forget", "retain1", "retain2", "holdout")},
-            "verbmem": {"forget": Features(prompt=S, gt=S)},
-            "knowmem": {s: qa for s in ("forget_qa", "retain_qa", "forget_qa_icl", "retain_qa_icl")},
-            "privleak": {s: text for s in ("forget", "retain", "holdout")}}
-
-
-def _glue_label(names):
-    return ClassLabel(names=names)
-
-
-HUB = {  # repository: {config (None: the only, default one): {split: features}}
-    "cais/wmdp": {c: {"test": Features(answer=I64, question=S, choices=List(S))}
-                  for c in ("wmdp-bio", "wmdp-chem", "wmdp-cyber")},
-    "cais/mmlu": _mmlu(),
-    "cais/wmdp-corpora": {c: {"train": Features(text=S)}
-                          for c in ("bio-retain-corpus", "cyber-forget-corpus", "cyber-retain-corpus")},
-    "cais/wmdp-bio-forget-corpus": {None: {"train": Features(text=S)}},
-    "muse-bench/MUSE-News": _muse(),
-    "muse-bench/MUSE-Books": _muse(),
-    "openai/gsm8k": {c: {s: Features(question=S, answer=S) for s in ("train", "test")} for c in ("main", "socratic")},
-    "fancyzhx/ag_news": {None: {s: Features(text=S, label=ClassLabel(names=["World", "Sports", "Business", "Sci/Tech"]))
-                                for s in ("train", "test")}},
-    "stanfordnlp/sst2": {None: {s: Features(idx=I32, sentence=S, label=ClassLabel(names=["negative", "positive"]))
-                                for s in ("train", "validation", "test")}},
-    "allenai/winogrande": {c: {s: Features(sentence=S, option1=S, option2=S, answer=S)
-                               for s in ("train", "validation", "test")}
-                           for c in ("winogrande_xs", "winogrande_s", "winogrande_m", "winogrande_l", "winogrande_xl",
-                                     "winogrande_debiased")},
-    "nyu-mll/glue": {
-        "mnli": {s: Features(premise=S, hypothesis=S, label=_glue_label(["entailment", "neutral", "contradiction"]),
-                             idx=I32)
-                 for s in ("train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched")},
-        "qqp": {s: Features(question1=S, question2=S, label=_glue_label(["not_duplicate", "duplicate"]), idx=I32)
-                for s in ("train", "validation", "test")}},
-}
-
-
-def repo_files(repo):
-    """{file: (config, split)}: the parquet layout of these repositories (<config>/<split>-00000-of-00001.parquet)."""
-    return {f"{c or 'data'}/{s}-00000-of-00001.parquet": (c, s) for c, splits in HUB[repo].items() for s in splits}
-
-
-class FakeHub:
-    """load_dataset(path, name, split=..., data_files=...) over HUB, holding `rows` {(repo, config, split): [row]}."""
-
-    def __init__(self, rows):
-        self.rows, self.downloaded = rows, []
-        for (repo, config, split), rs in rows.items():
-            cols = set(HUB[repo][config][split])
-            assert all(set(r) == cols for r in rs), f"{repo}/{config}/{split}: rows must have exactly {sorted(cols)}"
-
-    def __call__(self, path, name=None, split=None, data_files=None, **kwargs):
-        if path not in HUB:
-            raise FileNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")
-        files = repo_files(path)
-        if data_files is not None:
-            (want, pattern), = data_files.items()
-            hit = [f for f in files if fnmatch.fnmatch(f, pattern)]
-            if not hit:
-                raise FileNotFoundError(f"Unable to find '{pattern}' in {path}")
-            if split != want:
-                raise ValueError(f'Unknown split "{split}". Should be one of [\'{want}\'].')
-            pairs = sorted({files[f] for f in hit}, key=str)
-        else:
-            configs = HUB[path]
-            if name is None and None not in configs:
-                raise ValueError(f"Config name is missing. Please pick one among the available configs: {list(configs)}")
-            if name not in configs:
-                raise ValueError(f"BuilderConfig '{name}' not found. Available: {list(configs)}")
-            if split not in configs[name]:
-                raise ValueError(f'Unknown split "{split}". Should be one of {list(configs[name])}.')
-            hit = [f for f, (c, _) in files.items() if c == name]        # every split of the config
-            pairs = [(name, split)]
-        self.downloaded += hit
-        features = HUB[path][pairs[0][0]][pairs[0][1]]
-        return Dataset.from_list([r for c, s in pairs for r in self.rows.get((path, c, s), [])], features=features)
-
+from fake_hub import HUB, FakeHub  # noqa: E402
 
 def write(root: Path, rel: str, text: str):
     p = root / rel
