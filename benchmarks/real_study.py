@@ -77,6 +77,11 @@ RELEARN = [name for name, (_, flags) in RECIPES.items() if "--relearn" in flags]
 ILU_FLAGS = {"relearn-news": ["--ilu-env", "news"], "relearn-lam": ["--lam", "5"]}   # the ILU run's own flags
 ILU_LABEL = {"relearn-news": "NPO + ILU(news)", "relearn-lam": "NPO + ILU(GSM8K, λ 5)"}
 NPO_FROM = {"relearn-news": "relearn", "relearn-lam": "relearn"}    # recipes whose NPO run is another's
+# recipes that attack relearn's unlearned models differently: their runs start from relearn's finished
+# original and unlearning stages and its saved unlearned model (the same command but for the attack's
+# flags, so the same weights: the runs are deterministic), and run only the attacks
+UNLEARNED_FROM = {"relearn-strong": "relearn", "relearn-holdout": "relearn"}
+BORROWED = ("original", "unlearn", "unlearned")
 
 
 def folder(out: Path, recipe: str, variant: str, seed: int) -> Path:
@@ -89,19 +94,55 @@ def finished(path: Path) -> bool:
     return f.exists() and bool(json.loads(f.read_text()).get("summary"))
 
 
+def command(out: Path, recipe: str, variant: str, seed: int, data_dir: str, cache_dir: str) -> list[str]:
+    """The run_muse.py command of one run of a recipe (an ILU run's stop rule read from its NPO run)."""
+    cmd = [sys.executable, "run_muse.py", "--small", "--method", "npo", *VARIANTS[variant], "--seed", str(seed),
+           "--out", str(folder(out, recipe, variant, seed)), "--cache-dir", cache_dir, *RECIPES[recipe][1]]
+    cmd += ILU_FLAGS.get(recipe, []) if variant != "NPO" else []
+    cmd += ["--data-dir", data_dir] if data_dir else []
+    if variant != "NPO":
+        cmd += ["--control-from", str(folder(out, recipe, "NPO", seed))]
+        cmd += matched_stop(folder(out, recipe, "NPO", seed)) if recipe in RELEARN else []
+    return cmd
+
+
+def flag_values(cmd: list[str]) -> dict:
+    """{config key: value} of a command's --flag value pairs."""
+    return {a[2:].replace("-", "_"): b for a, b in zip(cmd, cmd[1:] + [""]) if a.startswith("--") and not b.startswith("--")}
+
+
+def borrow_unlearning(out: Path, recipe: str, variant: str, seed: int, cmd: list[str], data_dir, cache_dir):
+    """Start a run of an UNLEARNED_FROM recipe from the finished run it shares its unlearning with: that run's
+    original and unlearning stages (marked borrowed_from), its config with this command's differing flags,
+    and its saved unlearned model (hard links). run_muse.py then resumes after the unlearning."""
+    src = folder(out, UNLEARNED_FROM[recipe], variant, seed)
+    dst = folder(out, recipe, variant, seed)
+    if (dst / "results.json").exists() or not finished(src) or not (src / "unlearned" / "config.json").exists():
+        return
+    old = json.loads((src / "results.json").read_text())
+    config = dict(old["config"])
+    theirs = flag_values(command(out, UNLEARNED_FROM[recipe], variant, seed, data_dir, cache_dir))
+    for key, value in flag_values(cmd).items():
+        if key in config and theirs.get(key) != value:
+            config[key] = type(config[key])(value) if isinstance(config[key], (int, float)) else value
+    stages = {k: dict(old["stages"][k], borrowed_from=str(src)) for k in BORROWED}
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "unlearned", dst / "unlearned", copy_function=os.link, dirs_exist_ok=True)
+    runlib.write_atomic(dst / "results.json", json.dumps({"config": config, "stages": stages, "summary": {}}, indent=1))
+    print(f"  {dst}: unlearning borrowed from {src}", flush=True)
+
+
 def run(out: Path, recipe: str, seed: int, data_dir: str, cache_dir: str):
     """The two runs of one recipe and seed (each skipped when finished); their logs in the run folders."""
-    for variant, flags in VARIANTS.items():
+    for variant in VARIANTS:
         path = folder(out, recipe, variant, seed)
         if finished(path):
             continue
-        cmd = [sys.executable, "run_muse.py", "--small", "--method", "npo", *flags, "--seed", str(seed),
-               "--out", str(path), "--cache-dir", cache_dir, *RECIPES[recipe][1]]
-        cmd += ILU_FLAGS.get(recipe, []) if variant != "NPO" else []
-        cmd += ["--data-dir", data_dir] if data_dir else []
-        if variant != "NPO":
-            cmd += ["--control-from", str(folder(out, recipe, "NPO", seed))]
-            cmd += matched_stop(folder(out, recipe, "NPO", seed)) if recipe in RELEARN else []
+        if recipe in UNLEARNED_FROM:
+            run(out, UNLEARNED_FROM[recipe], seed, data_dir, cache_dir)
+        cmd = command(out, recipe, variant, seed, data_dir, cache_dir)
+        if recipe in UNLEARNED_FROM:
+            borrow_unlearning(out, recipe, variant, seed, cmd, data_dir, cache_dir)
         path.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         label = ILU_LABEL.get(recipe, variant) if variant != "NPO" else variant

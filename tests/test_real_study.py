@@ -58,3 +58,41 @@ def test_tables_and_compare_by_hand(tmp_path, capsys):
     assert real_study.compare(other, out) == 1
     printed = capsys.readouterr().out
     assert "base/npo-s1: 32 of 33 figures identical (first differing: /unlearned/verbmem: 34.5 vs 34.0)" in printed
+
+
+def test_lever_runs_borrow_relearns_unlearning(tmp_path):
+    """relearn-strong's runs start from relearn's finished unlearning: its three stages, marked, its config
+    with only the differing flags changed, and its saved model as hard links (no second copy)."""
+    out = tmp_path / "study"
+    for variant in real_study.VARIANTS:
+        src = real_study.folder(out, "relearn", variant, 0)
+        cmd = real_study.command(out, "relearn", variant, 0, "data", "cache") if variant == "NPO" else None
+        config = dict(out=str(src), relearn_lr=2e-5, relearn_on="forget", seed=0)
+        stages = {k: metrics(30.0) for k in ("original", "unlearn", "unlearned", "relearn/unlearned")}
+        stages["relearn/unlearned"]["curve"] = [dict(step=0, verbmem_held=24.5)]
+        (src / "unlearned").mkdir(parents=True)
+        (src / "unlearned" / "config.json").write_text("{}")
+        (src / "results.json").write_text(json.dumps({"config": config, "stages": stages, "summary": {"x": 1}}))
+        if cmd:
+            assert "--stop-verbmem" in cmd and "--control-from" not in cmd
+    dst = real_study.folder(out, "relearn-strong", "NPO", 0)
+    cmd = real_study.command(out, "relearn-strong", "NPO", 0, "data", "cache")
+    real_study.borrow_unlearning(out, "relearn-strong", "NPO", 0, cmd, "data", "cache")
+    res = json.loads((dst / "results.json").read_text())
+    assert set(res["stages"]) == {"original", "unlearn", "unlearned"} and not res["summary"]
+    assert all(e["borrowed_from"].endswith("relearn/npo-s0") for e in res["stages"].values())
+    assert res["config"] == dict(out=str(dst), relearn_lr=5e-5, relearn_on="forget", seed=0)
+    src = real_study.folder(out, "relearn", "NPO", 0)
+    assert os.path.samefile(dst / "unlearned" / "config.json", src / "unlearned" / "config.json")
+
+    # the ILU run's stop rule comes from the lever's own NPO run, here at the same depth as relearn's
+    res["stages"]["relearn/unlearned"] = dict(curve=[dict(step=0, verbmem_held=24.5)])
+    (dst / "results.json").write_text(json.dumps(res))
+    ilu_dst = real_study.folder(out, "relearn-strong", "NPO + ILU(GSM8K)", 0)
+    cmd = real_study.command(out, "relearn-strong", "NPO + ILU(GSM8K)", 0, "data", "cache")
+    real_study.borrow_unlearning(out, "relearn-strong", "NPO + ILU(GSM8K)", 0, cmd, "data", "cache")
+    config = json.loads((ilu_dst / "results.json").read_text())["config"]
+    assert config == dict(out=str(ilu_dst), relearn_lr=5e-5, relearn_on="forget", seed=0)
+    before = (ilu_dst / "results.json").read_text()
+    real_study.borrow_unlearning(out, "relearn-strong", "NPO + ILU(GSM8K)", 0, cmd, "data", "cache")
+    assert (ilu_dst / "results.json").read_text() == before            # a started run is never overwritten
