@@ -55,8 +55,40 @@ def parse_config(cls, argv=None, description: str = ""):
     return cls(**vars(parser.parse_args(argv)))
 
 
+class Terminated(Exception):
+    """SIGTERM: torchrun sends it to every process of the group when one of them fails."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+RESUME = "finished stages are saved in results.json; run the same command to resume"
+
+
+def lost(message: str):
+    """A torchrun group lost a process: this one says so in one line, whatever its rank (the lost
+    one may be rank 0), and leaves at once with status 1, without the group's collective cleanup."""
+    print(f"error: rank {os.environ.get('RANK', '0')}: {message}; {RESUME}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def _peer_gone(e: BaseException) -> bool:
+    """Whether a collective failed because another process of the group is gone (gloo: the connection
+    reset or closed; NCCL: the communicator aborted or timed out)."""
+    text = str(e).lower()
+    return sharded() and (isinstance(e, torch.distributed.DistError)
+                          or any(w in text for w in ("gloo", "nccl", "connection reset", "connection closed")))
+
+
 def run_main(main: Callable[[], None]):
-    """Run a runner's main; bad input of any kind (ilu.ILUError) becomes one line and exit 2."""
+    """Run a runner's main; bad input of any kind (ilu.ILUError) becomes one line and exit 2. Under
+    torchrun, a process of the group that is lost (killed, out of memory) stops the others at their next
+    collective or by torchrun's SIGTERM: each says so in one line and exits 1, and rerunning resumes."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
         if sharded():        # under torchrun: no rank leaves while rank 0 still writes its report
@@ -64,7 +96,14 @@ def run_main(main: Callable[[], None]):
     except ilu.ILUError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        fail("interrupted: finished stages are saved in results.json; run the same command to resume")
+        fail(f"interrupted: {RESUME}")
+    except Terminated:
+        lost("stopped by SIGTERM" + (" (torchrun stops the whole group when one process fails)" if sharded() else ""))
+    except RuntimeError as e:
+        if not _peer_gone(e):
+            raise
+        cause = _first_line(e).split("] ", 1)[-1].split(". ")[0]      # gloo: "Read error [addr]:port: Connection reset by peer"
+        lost(f"another process of the torchrun group is gone ({cause[:120]})")
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
