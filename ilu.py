@@ -1087,6 +1087,17 @@ def _stopped(model, stop: Callable[[int], bool], step: int) -> bool:
     return False
 
 
+def _step_record(step, steps, f_sum, r_sum, irm, lr, t0, nll_sum, nll_tokens, log) -> dict:
+    """An unlearning step's history entry, and its log line."""
+    ms = 1000 * (time.perf_counter() - t0)
+    entry = dict(step=step, forget=f_sum, retain=r_sum, irm=irm, lr=lr, ms=ms)
+    if nll_tokens:
+        entry["forget_nll"] = nll_sum / nll_tokens
+    log(f"step {step:>{len(str(steps))}}/{steps} | forget {f_sum:8.4f} | retain {r_sum:8.4f} "
+        f"| irm {irm:.3e} | lr {lr:.1e} | {ms:5.0f} ms")
+    return entry
+
+
 def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method: str = "npo",
             envs: Mapping[str, Sequence[Mapping]] | None = None, lam: float = 1.0, *, steps: int | None = None,
             batch_size: int = 1, grad_accum: int = 4, env_batch_size: int = 48, env_micro_batch: int | None = None,
@@ -1152,12 +1163,7 @@ def unlearn(model, forget: Sequence[Mapping], retain: Sequence[Mapping], method:
                                f"irm {irm}): lower the learning rate or lam")
             cur_lr = lr_at(step, steps, lr, int(warmup * steps))
             opt.step(cur_lr)
-            ms = 1000 * (time.perf_counter() - t0)
-            history.append(dict(step=step + 1, forget=f_sum, retain=r_sum, irm=irm, lr=cur_lr, ms=ms))
-            if nll_tokens:
-                history[-1]["forget_nll"] = nll_sum / nll_tokens
-            log(f"step {step + 1:>{len(str(steps))}}/{steps} | forget {f_sum:8.4f} | retain {r_sum:8.4f} "
-                f"| irm {irm:.3e} | lr {cur_lr:.1e} | {ms:5.0f} ms")
+            history.append(_step_record(step + 1, steps, f_sum, r_sum, irm, cur_lr, t0, nll_sum, nll_tokens, log))
             if stop_forget_nll is not None and nll_tokens and nll_sum / nll_tokens >= stop_forget_nll:
                 log(f"stop: the forget batch's NLL {nll_sum / nll_tokens:.3f} nats/token reached {stop_forget_nll}")
                 break
