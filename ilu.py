@@ -274,34 +274,6 @@ class _Sampler:
 #    `AdamWSR` updates in fp32 and writes weights and moments back with stochastic
 #    rounding: each small update lands with the right probability, unbiased in expectation.
 
-# transformers imports torchao whenever it is installed (the low-memory mode's optional extra),
-# and that import speaks even though nothing is wrong: torchao warns for every compiled kernel
-# its wheel carries for another torch build ("Failed to load ... .so") or for an older torch,
-# and torch warns that torchao registers enums as pytree constants. Those messages, and torch's
-# note that torchao's 8-bit optimizer state has no cache hash, are dropped here, at their
-# loggers, by their exact opening words; every other message of these libraries still shows.
-_IMPORT_NOISE = {"torchao": ("Failed to load ", "Skipping import of cpp extensions"),
-                 "torch.utils._pytree": ("%s is an Enum subclass and is now natively supported",)}
-
-
-def _not_import_noise(record) -> bool:
-    return not str(record.msg).startswith(_IMPORT_NOISE.get(record.name, ()))
-
-
-def _quiet_import_noise():
-    import logging
-    import warnings
-
-    for name in _IMPORT_NOISE:
-        logger = logging.getLogger(name)
-        if _not_import_noise not in logger.filters:
-            logger.addFilter(_not_import_noise)
-    warnings.filterwarnings("ignore", message=r"\w+ does not implement _stable_hash_for_caching", category=UserWarning)
-
-
-_quiet_import_noise()
-
-
 def load_model(name_or_path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device | None = None,
                gradient_checkpointing: bool = False, sharded: bool = False):
     """Load a causal LM and its tokenizer from the hub or a local folder.

@@ -22,6 +22,32 @@ import torch
 import ilu
 
 
+# transformers imports torchao whenever it is installed (the low-memory mode's optional extra),
+# and that import speaks though nothing is wrong: torchao warns for each compiled kernel built for
+# another torch ("Failed to load ... .so") or an older torch, and torch warns that torchao registers
+# enums as pytree constants (and, in the low-memory mode, that its 8-bit state has no cache hash).
+# Those messages alone are dropped, at their loggers, by their opening words.
+NOISE = {"torchao": ("Failed to load ", "Skipping import of cpp extensions"),
+         "torch.utils._pytree": ("%s is an Enum subclass and is now natively supported",)}
+
+
+def not_noise(record) -> bool:
+    return not str(record.msg).startswith(NOISE.get(record.name, ()))
+
+
+def quiet_import_noise():
+    import logging
+    import warnings
+
+    for name in NOISE:
+        if not_noise not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(not_noise)
+    warnings.filterwarnings("ignore", message=r"\w+ does not implement _stable_hash_for_caching", category=UserWarning)
+
+
+quiet_import_noise()
+
+
 # -- configuration and errors ----------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):

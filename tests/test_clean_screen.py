@@ -32,7 +32,7 @@ def test_the_pattern_catches_what_the_libraries_print():
 
 
 def test_known_import_noise_is_dropped_and_nothing_else(caplog):
-    import ilu
+    import runlib
 
     caplog.set_level(logging.DEBUG)
     ao, pytree = logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")
@@ -45,8 +45,8 @@ def test_known_import_noise_is_dropped_and_nothing_else(caplog):
     logging.getLogger("transformers").warning("Failed to load the tokenizer")   # another logger: shown
     shown = [r.getMessage() for r in caplog.records]
     assert shown == ["some other torchao warning", "another pytree message", "Failed to load the tokenizer"]
-    ilu._quiet_import_noise()                                       # idempotent: one filter per logger
-    assert ao.filters.count(ilu._not_import_noise) == 1
+    runlib.quiet_import_noise()                                       # idempotent: one filter per logger
+    assert ao.filters.count(runlib.not_noise) == 1
 
 
 @needs_data

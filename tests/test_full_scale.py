@@ -11,15 +11,13 @@ architecture class (MistralForCausalLM for Zephyr-7B, LlamaForCausalLM for MUSE'
 targets) with a real tokenizer, SmolLM2's, saved without a pad token as Llama-2's has none.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 from test_clean_screen import LIBRARY_WARNING, screen_lines
 
 pytest.importorskip("datasets")
@@ -62,10 +60,8 @@ def narrow_model(kind: str, tok, folder: Path) -> str:
     return str(folder)
 
 
-def hub_run(script, args, tmp_path, timeout=900):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, "tests/hub_run.py", script, *args, "--cache-dir", str(tmp_path / "cache")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+def hub_run(script, args, tmp_path):
+    return run_script("tests/hub_run.py", [script, *args], tmp_path, timeout=900)
 
 
 def check_clean(r):
