@@ -258,6 +258,19 @@ def relearn_verdict(runs: list[dict], i: int = -1) -> dict:
                 relearns=share >= 1 / 3 and gain > 2 * spread and gain > never and kept >= 0.9)
 
 
+def ilu_gap(npo: list[dict], other: list[dict], i: int) -> dict:
+    """NPO's held-out share back minus another method's at the attack's checkpoint i, paired by seed (the same
+    split, order and attack): the other method holds relearning back when the mean gap is positive and more
+    than twice its seed spread."""
+    def share(st):
+        c = st["relearn/unlearned"]["curve"]
+        return run_muse.share_back(st["relearn/original"]["curve"][0]["verbmem_held"], c[0]["verbmem_held"],
+                                   c[i]["verbmem_held"])
+    gaps = [share(a) - share(b) for a, b in zip(npo, other)]
+    gap, spread = statistics.mean(gaps), statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+    return dict(gaps=gaps, gap=gap, spread=spread, lower=sum(g > 0 for g in gaps), holds=gap > 0 and gap > 2 * spread)
+
+
 def unlearning_steps(entry: dict) -> int:
     """The steps the unlearned model took: the one its stop rule kept (run_muse.HeldOutStop), else all it ran."""
     kept = [c["step"] for c in entry.get("stop_checks", []) if c.get("kept")]
@@ -326,6 +339,19 @@ def relearn_tables(name: str, runs: dict, seeds: list[int]) -> str:
              "never-saw control's gain on the same half, the attacked target keeping ≥ 90%):\n\n"
              + runlib.markdown_table(["model", "step", "share back", "gain (points)", "never-saw gain", "target kept",
                                       "relearns"], rows) + "\n")
+    rows = []
+    for v, rs in done.items():
+        if v == "NPO" or not len(rs) == len(first) == len(seeds):       # paired only when every seed is done
+            continue
+        for i, step in enumerate(steps[1:], 1):
+            g = ilu_gap(first, rs, i)
+            rows.append([v, step, " ".join(f"{x:+.2f}" for x in g["gaps"]), f"{g['gap']:+.2f} ± {g['spread']:.2f}",
+                         f"{g['lower']} of {len(g['gaps'])}", "yes" if g["holds"] else "no"])
+    if rows:
+        text += ("\nNPO's share back minus each other method's, paired by seed (the same split, order and attack); the "
+                 "method holds relearning back where the mean gap is positive and more than twice its seed spread:\n\n"
+                 + runlib.markdown_table(["model", "step", "gap per seed", "gap", "lower than NPO's",
+                                          "holds it back"], rows) + "\n")
     return text
 
 

@@ -334,6 +334,13 @@ def test_relearn_tables_and_criterion_by_hand(tmp_path):
     assert "| NPO | 20 | +0.32 | +17.5 ± 3.5 | +1.0 | 100% | no |" in text    # a third not reached at step 20
     assert real_study.relearn_verdict(runs["NPO"], 1)["share"] == pytest.approx((0.3 + 1 / 3) / 2)
     assert "| NPO + ILU(GSM8K) | 5.0 ± 0.0 | 1.0 ± 0.0 |" in text          # steps to the stop, |Δ held-out VerbMem|
+    # NPO's share back minus ILU's, paired by seed: step 20: 0.3 - 1/49 = 0.280, 1/3 - 1/59 = 0.316 (mean 0.298,
+    # std 0.026); step 40: 0.4 - 2/49 = 0.359, 0.4 - 1/59 = 0.383 (mean 0.371, std 0.017): ILU holds it back
+    g = real_study.ilu_gap(runs["NPO"], runs["NPO + ILU(GSM8K)"], 1)
+    assert g["gaps"] == pytest.approx([0.3 - 1 / 49, 1 / 3 - 1 / 59]) and g["lower"] == 2 and g["holds"]
+    assert "| NPO + ILU(GSM8K) | 40 | +0.36 +0.38 | +0.37 ± 0.02 | 2 of 2 | yes |" in text
+    g = real_study.ilu_gap(runs["NPO"], runs["NPO"], 2)                 # no gap is no holding back
+    assert g["gap"] == 0.0 and g["lower"] == 0 and not g["holds"]
     assert "2 passages attack, 2 are held out" in text
     # the ILU run's stop rule: within 2 points of the depth NPO reached on the same seed (seed 0: 30)
     assert real_study.matched_stop(real_study.folder(out, "relearn", "NPO", 0)) == [
