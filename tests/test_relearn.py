@@ -3,6 +3,7 @@ the never-saw control, the stop rule, and a micro run end to end."""
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -334,13 +335,6 @@ def test_relearn_tables_and_criterion_by_hand(tmp_path):
     assert "| NPO | 20 | +0.32 | +17.5 ± 3.5 | +1.0 | 100% | no |" in text    # a third not reached at step 20
     assert real_study.relearn_verdict(runs["NPO"], 1)["share"] == pytest.approx((0.3 + 1 / 3) / 2)
     assert "| NPO + ILU(GSM8K) | 5.0 ± 0.0 | 1.0 ± 0.0 |" in text          # steps to the stop, |Δ held-out VerbMem|
-    # NPO's share back minus ILU's, paired by seed: step 20: 0.3 - 1/49 = 0.280, 1/3 - 1/59 = 0.316 (mean 0.298,
-    # std 0.026); step 40: 0.4 - 2/49 = 0.359, 0.4 - 1/59 = 0.383 (mean 0.371, std 0.017): ILU holds it back
-    g = real_study.ilu_gap(runs["NPO"], runs["NPO + ILU(GSM8K)"], 1)
-    assert g["gaps"] == pytest.approx([0.3 - 1 / 49, 1 / 3 - 1 / 59]) and g["lower"] == 2 and g["holds"]
-    assert "| NPO + ILU(GSM8K) | 40 | +0.36 +0.38 | +0.37 ± 0.02 | 2 of 2 | yes |" in text
-    g = real_study.ilu_gap(runs["NPO"], runs["NPO"], 2)                 # no gap is no holding back
-    assert g["gap"] == 0.0 and g["lower"] == 0 and not g["holds"]
     assert "2 passages attack, 2 are held out" in text
     # the ILU run's stop rule: within 2 points of the depth NPO reached on the same seed (seed 0: 30)
     assert real_study.matched_stop(real_study.folder(out, "relearn", "NPO", 0)) == [
@@ -359,3 +353,33 @@ def test_relearn_tables_and_criterion_by_hand(tmp_path):
     for seed, u in enumerate([(30.0, 45.0, 50.0), (20.0, 40.0, 44.0)]):
         relearn_run(real_study.folder(out2, "relearn", "NPO", seed), (80.0, 80.0, 78.0), (15.0, 30.0, 40.0), u)
     assert not real_study.relearn_verdict(real_study.load(out2, "relearn", [0, 1])["NPO"])["relearns"]
+
+
+def test_relearn_gap_paired_by_seed_by_hand(tmp_path):
+    """NPO's share back minus ILU's, paired by seed, and the rule that says ILU holds relearning back."""
+    out = tmp_path / "study"
+    # target 80 at step 0; NPO 30 -> 45, 50 and 20 -> 40, 44; ILU 31 -> 32, 33 and 21 -> 22, 26 (seeds 0, 1)
+    for seed, (u, ilu_after) in enumerate([((30.0, 45.0, 50.0), 33.0), ((20.0, 40.0, 44.0), 26.0)]):
+        relearn_run(real_study.folder(out, "relearn", "NPO", seed), (80.0, 80.0, 78.0), (15.0, 16.0, 17.0), u)
+        relearn_run(real_study.folder(out, "relearn", "NPO + ILU(GSM8K)", seed), (80.0, 80.0, 78.0),
+                    (15.0, 16.0, 17.0), (u[0] + 1, u[0] + 2, ilu_after))
+    runs = real_study.load(out, "relearn", [0, 1])
+    # step 20: 15/50 - 1/49 = 0.2796 and 20/60 - 1/59 = 0.3164 (mean 0.298, std 0.026): held back
+    g = real_study.ilu_gap(runs["NPO"], runs["NPO + ILU(GSM8K)"], 1)
+    assert g["gaps"] == pytest.approx([0.3 - 1 / 49, 1 / 3 - 1 / 59]) and g["lower"] == 2 and g["holds"]
+    # step 40: 20/50 - 2/49 = 0.359 and 24/60 - 5/59 = 0.315 (mean 0.337, std 0.031)
+    text = real_study.tables("relearn", runs, [0, 1])
+    assert "| NPO + ILU(GSM8K) | 40 | +0.36 +0.32 | +0.34 ± 0.03 | 2 of 2 | yes |" in text
+    assert real_study.ilu_gap(runs["NPO + ILU(GSM8K)"], runs["NPO"], 1)["lower"] == 0      # the other way round
+    g = real_study.ilu_gap(runs["NPO"], runs["NPO"], 2)                 # no gap is no holding back
+    assert g["gap"] == 0.0 and g["lower"] == 0 and not g["holds"]
+    # a positive mean within twice its spread is not holding back: gaps +0.30 and -0.10
+    mixed = [dict(s, **{"relearn/unlearned": dict(curve=[dict(verbmem_held=v) for v in c])})
+             for s, c in zip(runs["NPO"], [(30.0, 45.0, 50.0), (20.0, 40.0, 44.0)])]
+    other = [dict(s, **{"relearn/unlearned": dict(curve=[dict(verbmem_held=v) for v in c])})
+             for s, c in zip(runs["NPO"], [(30.0, 30.0, 30.0), (20.0, 46.0, 50.0)])]
+    g = real_study.ilu_gap(mixed, other, 1)
+    assert g["gaps"] == pytest.approx([0.3, 1 / 3 - 26 / 60]) and g["gap"] > 0 and not g["holds"]
+    # too few seeds run for one method: the paired table is left out, not paired wrongly
+    shutil.rmtree(real_study.folder(out, "relearn", "NPO + ILU(GSM8K)", 1))
+    assert "paired by seed" not in real_study.tables("relearn", real_study.load(out, "relearn", [0, 1]), [0, 1])
