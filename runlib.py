@@ -29,6 +29,7 @@ import ilu
 # Those messages alone are dropped, at their loggers, by their opening words.
 NOISE = {"torchao": ("Failed to load ", "Skipping import of cpp extensions"),
          "torch.utils._pytree": ("%s is an Enum subclass and is now natively supported",)}
+NO_CACHE_HASH = r"\w+ does not implement _stable_hash_for_caching"     # a UserWarning of the 8/4-bit state
 
 
 def not_noise(record) -> bool:
@@ -42,7 +43,7 @@ def quiet_import_noise():
     for name in NOISE:
         if not_noise not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(not_noise)
-    warnings.filterwarnings("ignore", message=r"\w+ does not implement _stable_hash_for_caching", category=UserWarning)
+    warnings.filterwarnings("ignore", message=NO_CACHE_HASH, category=UserWarning)
 
 
 quiet_import_noise()

@@ -242,14 +242,19 @@ def tables(name: str, runs: dict, seeds: list[int]) -> str:
     return text + runlib.markdown_table(["model", *tasks], rel) + "\n"
 
 
+def shares_back(st: dict) -> list[float]:
+    """A run's held-out share back at each checkpoint of the attack, (after − unlearned) / (target − unlearned)."""
+    curve = [p["verbmem_held"] for p in st["relearn/unlearned"]["curve"]]
+    return [run_muse.share_back(st["relearn/original"]["curve"][0]["verbmem_held"], curve[0], v) for v in curve]
+
+
 def relearn_verdict(runs: list[dict], i: int = -1) -> dict:
     """The study's criterion on the held-out half at the attack's checkpoint i, over seeds: relearning when the
     mean share back is at least a third, the mean gain more than twice its seed spread and more than the
     never-saw control's gain on the same half, while the attacked target keeps at least 90% of its VerbMem."""
     held = lambda st, who, j: st[f"relearn/{who}"]["curve"][j]["verbmem_held"]  # noqa: E731
     gains = [held(st, "unlearned", i) - held(st, "unlearned", 0) for st in runs]
-    shares = [run_muse.share_back(held(st, "original", 0), held(st, "unlearned", 0), held(st, "unlearned", i))
-              for st in runs]
+    shares = [shares_back(st)[i] for st in runs]
     never = statistics.mean(held(st, "never_saw", i) - held(st, "never_saw", 0) for st in runs)
     kept = statistics.mean(held(st, "original", i) / held(st, "original", 0) for st in runs)
     spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
@@ -262,11 +267,7 @@ def ilu_gap(npo: list[dict], other: list[dict], i: int) -> dict:
     """NPO's held-out share back minus another method's at the attack's checkpoint i, paired by seed (the same
     split, order and attack): the other method holds relearning back when the mean gap is positive and more
     than twice its seed spread."""
-    def share(st):
-        c = st["relearn/unlearned"]["curve"]
-        return run_muse.share_back(st["relearn/original"]["curve"][0]["verbmem_held"], c[0]["verbmem_held"],
-                                   c[i]["verbmem_held"])
-    gaps = [share(a) - share(b) for a, b in zip(npo, other)]
+    gaps = [shares_back(a)[i] - shares_back(b)[i] for a, b in zip(npo, other)]
     gap, spread = statistics.mean(gaps), statistics.stdev(gaps) if len(gaps) > 1 else 0.0
     return dict(gaps=gaps, gap=gap, spread=spread, lower=sum(g > 0 for g in gaps), holds=gap > 0 and gap > 2 * spread)
 
@@ -301,9 +302,7 @@ def relearn_tables(name: str, runs: dict, seeds: list[int]) -> str:
              + runlib.markdown_table(["model", *[f"step {s}" for s in steps]], rows) + "\n\n")
     rows = []
     for v, rs in done.items():
-        per_seed = [[run_muse.share_back(st["relearn/original"]["curve"][0]["verbmem_held"], c[0]["verbmem_held"],
-                                         p["verbmem_held"]) for p in c]
-                    for st in rs for c in [st["relearn/unlearned"]["curve"]]]
+        per_seed = [shares_back(st) for st in rs]
         rows.append([v, *[ms([s[i] for s in per_seed], 2) for i in range(len(steps))]])
     text += ("Share of the way back to the target's held-out VerbMem, (after − unlearned) / (target − unlearned):"
              "\n\n" + runlib.markdown_table(["model", *[f"step {s}" for s in steps]], rows) + "\n\n")
