@@ -15,8 +15,7 @@ def pytest_configure(config):
     # filters per test). Two come from third-party code the low-memory tests import, not from ours:
     # torchao's 8/4-bit optimizer state has no AOT cache hash (the runners drop the same message), and
     # torchao's TorchScript helpers call torch.jit.script_method, deprecated in recent torch.
-    # (the pattern is runlib.NO_CACHE_HASH, written out: with runlib imported here, before collection, a CI
-    # run showed torch's module-tracker warning 13 times in tests/test_memtrace.py)
+    # (the same pattern as runlib.NO_CACHE_HASH; conftest imports no project module before collection)
     config.addinivalue_line("filterwarnings", r"ignore:\w+ does not implement _stable_hash_for_caching:UserWarning")
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
