@@ -31,6 +31,7 @@ model that never saw the passages attacked the same way (docs/real_study.md, "Th
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -40,8 +41,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import ilu
+import ilu_scale as scale
 import runlib
-from runlib import fail, h
+from runlib import h
 
 MUSE_TARGETS = {"news": "muse-bench/MUSE-news_target", "books": "muse-bench/MUSE-books_target"}
 MUSE_RETRAIN = {"news": "muse-bench/MUSE-news_retrain", "books": "muse-bench/MUSE-books_retrain"}  # never saw forget
@@ -73,7 +76,7 @@ class Config(runlib.CommonConfig):
     out: str = h("output folder: results.json, results.md, unlearned/", default="runs/muse")
     max_length: int = h("tokens per forget/retain window; 0: method default (NPO 1024, RMU 512)", default=0)
     corpus_windows: bool = h("cut the joined raw forget/retain text into consecutive windows of --max-length "
-                             "tokens, as MUSE's baselines do (ilu.encode_windows); off: one example per "
+                             "tokens, as MUSE's baselines do (runlib.encode_windows); off: one example per "
                              "document, its first --max-length tokens (--tiny always: its texts are short)",
                              default=True)
     verbmem_tokens: int = h("VerbMem: new tokens, and ground-truth tokens compared (MUSE: 128)", default=128)
@@ -212,7 +215,6 @@ def setup_small(cfg: Config, tasks: list[str]):
     fine-tuned on the news (forget and retain text alike). The target does not depend on --seed:
     every seed of a study unlearns the same model. Also the probes of the damage: the answer NLL
     of the forget continuations and of PROBE_PAIRS held-out pairs of each task."""
-    import ilu
 
     d = scaled_sets(cfg)
     forget, retain = d["forget"], d["retain"]
@@ -228,10 +230,9 @@ def setup_small(cfg: Config, tasks: list[str]):
 
 
 def setup_full(cfg: Config):
-    import ilu
 
     name = runlib.model_path(cfg.model or MUSE_TARGETS[cfg.corpus], cfg.cache_dir)
-    model, tok = ilu.load_model(name, runlib.model_dtype(), runlib.DEVICE,
+    model, tok = scale.load_model(name, runlib.model_dtype(), runlib.DEVICE,
                                 gradient_checkpointing=True, sharded=runlib.sharded())
     ev = load_eval(cfg)
     forget = runlib.load_corpus(f"muse-{cfg.corpus}-forget", cfg.data_dir)
@@ -242,7 +243,6 @@ def setup_full(cfg: Config):
 # -- evaluation ----------------------------------------------------------------------------------
 
 def evaluate(model, tok, ev: dict, cfg: Config) -> dict:
-    import ilu
 
     b = cfg.eval_batch
     pl = ilu.privleak(model, tok, ev["privleak_forget"], ev["privleak_holdout"], ilu.AUC_RETRAIN[cfg.corpus],
@@ -263,14 +263,13 @@ def finetune_stage(model, tok, task, cfg, ev, results, name, theta_o=None, contr
     """Fine-tune the model in place on one task and record the metrics after it. With task vectors
     (theta_o given): a fine-tuned original is saved to controls/TASK; a fine-tuned unlearned model
     gets the geometry of its update against the unlearning update and that saved control."""
-    import ilu
 
-    theta_start = ilu.state_of(model) if theta_o is not None and name.startswith("unlearned") else None
+    theta_start = scale.state_of(model) if theta_o is not None and name.startswith("unlearned") else None
     train, test, note = runlib.task_split(task, cfg.data_dir, None, cfg.fa_limit or None, cfg.seed)
     data = ilu.encode_pairs(tok, train, max_length=cfg.max_length)
     total, _ = runlib.finetune_steps(cfg, len(data))
     start = time.perf_counter()
-    losses = ilu.finetune(model, data, max_steps=total, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
+    losses = scale.finetune(model, data, max_steps=total, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
                           hook_each_epoch=False, low_memory=cfg.low_memory or None, seed=cfg.seed, desc=name)
     entry = dict(task=task, steps=total, train_examples=len(data), fa_examples=len(test), **evaluate(model, tok, ev, cfg),
                  fa=ilu.task_accuracy(model, tok, test, batch_size=cfg.eval_batch),
@@ -278,7 +277,7 @@ def finetune_stage(model, tok, task, cfg, ev, results, name, theta_o=None, contr
     if note:
         entry["note"] = note
     if theta_o is not None and name.startswith("original"):
-        ilu.save_model(model, tok, controls / task)
+        scale.save_model(model, tok, controls / task)
     if theta_start is not None and (controls / task / "config.json").exists():
         entry["geometry"] = geometry(model, theta_o, theta_start, runlib.SavedState(controls / task, theta_o, model))
     results.record(name, entry, start)
@@ -290,9 +289,8 @@ def geometry(model, theta_o, theta_u, theta_ft) -> dict:
     tau_u = theta_u - theta_o (unlearning), tau_ft = theta_ft - theta_o (the same fine-tuning of
     the original), tau_u->ft = theta_u^ft - theta_u. cos_back < 0: the fine-tuning retraces the
     unlearning update (paper, 7B NPO: -0.41; NPO + ILU: +0.09)."""
-    import ilu
 
-    tau_u, tau_uft = ilu.task_vector(theta_u, theta_o), ilu.task_vector(ilu.state_of(model), theta_u)
+    tau_u, tau_uft = ilu.task_vector(theta_u, theta_o), ilu.task_vector(scale.state_of(model), theta_u)
     tau_ft = ilu.task_vector(theta_ft, theta_o)
     return dict(cos_back=ilu.cosine(tau_uft, tau_u), cos_ft=ilu.cosine(tau_uft, tau_ft),
                 norm_ratio=ilu.norm(tau_u) / ilu.norm(tau_ft))
@@ -348,8 +346,8 @@ def relearn_split(passages: list[dict], share: float, seed: int) -> tuple[list[i
         if len(attack) + len(g) <= k:
             attack += g
     if not 0 < len(attack) < n:
-        fail(f"--relearn-share {share} leaves a half of the {n} forget passages empty: choose a share that puts "
-             "at least one passage in each half")
+        raise ilu.ILUError(f"--relearn-share {share} leaves a half of the {n} forget passages empty: choose a share that puts "
+                           "at least one passage in each half")
     return sorted(attack), sorted(set(range(n)) - set(attack))
 
 
@@ -370,7 +368,6 @@ def attack_texts(texts: list[str], passages: list[dict], attack: list[int], held
 def relearn_sets(cfg: Config, tok, ev: dict, forget: list) -> dict:
     """The two halves of the forget passages, their NLL pairs, the attack set and the KnowMem QA (all
     held out: MUSE writes its QA from the forget documents, not from the verbmem passages)."""
-    import ilu
 
     passages = ev["verbmem"]
     attack, held = relearn_split(passages, cfg.relearn_share, cfg.seed)
@@ -379,13 +376,13 @@ def relearn_sets(cfg: Config, tok, ev: dict, forget: list) -> dict:
     else:  # holdout: news in the passages' format, none of their content
         texts = holdout_pool(cfg, ev)[0][:len(attack)]
     if not texts:
-        fail(f"--relearn finds no {cfg.relearn_on} text for the attack half: check the data in --data-dir")
+        raise ilu.ILUError(f"--relearn finds no {cfg.relearn_on} text for the attack half: check the data in --data-dir")
     if 0 < cfg.relearn_samples < len(texts):
         keep = sorted(random.Random(cfg.seed).sample(range(len(texts)), cfg.relearn_samples))
         texts = [texts[i] for i in keep]
     leaked = [i for i in held if any(shingles(t) & passage_shingles(passages[i]) for t in texts)]
     if leaked:   # the attack must never train on the text it is read on
-        fail(f"--relearn's attack set holds held-out passage {leaked[0]}: the split is broken")
+        raise ilu.ILUError(f"--relearn's attack set holds held-out passage {leaked[0]}: the split is broken")
     halves = {"attack": attack, "held": held}
     d = dict(split=halves, attack_texts=texts, qa=ev["forget_qa"], icl=ev["forget_icl"])
     for half, idx in halves.items():
@@ -409,7 +406,6 @@ def holdout_pool(cfg: Config, ev: dict) -> tuple[list[str], list[str]]:
 
 def relearn_metrics(model, tok, rl: dict, cfg: Config) -> dict:
     """VerbMem and the forget NLL of each half, KnowMem on the forget QA: what the attack is read by."""
-    import ilu
 
     b, out = cfg.eval_batch, {}
     for half in ("held", "attack"):
@@ -425,7 +421,7 @@ def relearn_points(total: int) -> list[int]:
 
 
 class HeldOutStop:
-    """ilu.unlearn's stop rule for --stop-verbmem: VerbMem on the held-out half after every step; at the
+    """scale.unlearn's stop rule for --stop-verbmem: VerbMem on the held-out half after every step; at the
     first step at or below the threshold (plus --stop-tolerance), unlearning ends on that step or the one
     before, whichever lands nearer the threshold (the one before is kept as a CPU copy), so two methods
     stop at matched depth."""
@@ -434,7 +430,6 @@ class HeldOutStop:
         self.model, self.tok, self.rl, self.cfg, self.checks, self.before = model, tok, rl, cfg, [], None
 
     def __call__(self, step: int) -> bool:
-        import ilu
 
         v, goal = ilu.verbmem(self.model, self.tok, self.rl["held"], self.cfg.verbmem_tokens, self.cfg.eval_batch,
                               progress=False), self.cfg.stop_verbmem
@@ -442,7 +437,7 @@ class HeldOutStop:
         tqdm.write(f"  step {step}: VerbMem on the held-out half {v:.1f} "
                    f"(stop at <= {goal + self.cfg.stop_tolerance:.1f})")
         if v > goal + self.cfg.stop_tolerance:
-            self.before = ilu.state_of(self.model)
+            self.before = scale.state_of(self.model)
             return False
         if self.before is not None and abs(self.checks[-2]["verbmem_held"] - goal) < abs(goal - v):
             runlib.restore(self.model, self.before)           # the step before lands nearer: end there
@@ -470,7 +465,6 @@ def relearn_stage(model, tok, cfg: Config, rl: dict, results, who: str, state, t
     """Attack the weights in `state` (a snapshot, or a saved folder's) on the attack set and record the
     metrics of relearn_metrics at step 0 and at each quartile. From the unlearned model (theta_u, theta_o
     given): the geometry of the relearning update against the unlearning update."""
-    import ilu
 
     name, start = f"relearn/{who}", time.perf_counter()
     runlib.restore(model, state)
@@ -485,13 +479,13 @@ def relearn_stage(model, tok, cfg: Config, rl: dict, results, who: str, state, t
         tqdm.write(f"{name}, step {step}: " + relearn_line(curve[-1]))
 
     print(f"{name}, step 0: " + relearn_line(curve[0]))
-    losses = ilu.finetune(model, data, max_steps=total, batch_size=cfg.relearn_batch, lr=cfg.relearn_lr,
+    losses = scale.finetune(model, data, max_steps=total, batch_size=cfg.relearn_batch, lr=cfg.relearn_lr,
                           hook=hook, hook_steps=relearn_points(total), hook_each_epoch=False,
                           low_memory=cfg.low_memory or None, seed=cfg.seed, desc=name)
     entry = dict(split=rl["split"], attack_texts=len(data), steps=total, curve=curve, loss_first=losses[0],
                  loss_last=losses[-1])
     if theta_u is not None:
-        tau_u, tau_rl = ilu.task_vector(theta_u, theta_o), ilu.task_vector(ilu.state_of(model), theta_u)
+        tau_u, tau_rl = ilu.task_vector(theta_u, theta_o), ilu.task_vector(scale.state_of(model), theta_u)
         entry["geometry"] = dict(cos_back=ilu.cosine(tau_rl, tau_u), norm_u=ilu.norm(tau_u), norm_rl=ilu.norm(tau_rl))
     results.record(name, entry, start)
 
@@ -588,21 +582,20 @@ def borrow_control(cfg: Config, results: runlib.Results, tasks: list[str]):
     this run's results, so its original is not evaluated and fine-tuned again."""
     path = Path(cfg.control_from) / "results.json"
     if not path.exists():
-        fail(f"--control-from {cfg.control_from} has no results.json: run the control's run first")
-    import json
+        raise ilu.ILUError(f"--control-from {cfg.control_from} has no results.json: run the control's run first")
 
     other = json.loads(path.read_text())
     mine = results.data["config"]
     keys = CONTROL_KEYS + tuple(k for k in mine if k.startswith("tiny_"))
     differ = [k for k in keys if not runlib.same_setting(other["config"], mine, k)]
     if differ:
-        fail(f"--control-from {cfg.control_from} was run with different {', '.join(differ[:3])}: "
-             "it cannot serve as this run's control")
+        raise ilu.ILUError(f"--control-from {cfg.control_from} was run with different {', '.join(differ[:3])}: "
+                           "it cannot serve as this run's control")
     needed = ["original"] + [f"original/finetune/{t}" for t in tasks if cfg.finetune_original]
     needed += [f"relearn/{who}" for who in ("original", "never_saw")] if cfg.relearn else []
     missing = [n for n in needed if n not in other["stages"]]
     if missing:
-        fail(f"--control-from {cfg.control_from} lacks the stage {missing[0]}: finish that run first")
+        raise ilu.ILUError(f"--control-from {cfg.control_from} lacks the stage {missing[0]}: finish that run first")
     for n in needed:
         if not results.done(n):
             results.record(n, dict(other["stages"][n], borrowed_from=cfg.control_from))
@@ -613,15 +606,15 @@ def borrow_control(cfg: Config, results: runlib.Results, tasks: list[str]):
 def check_relearn(cfg: Config, explicit: set):
     """--relearn's options (one line, exit 2); with --relearn, no other fine-tuning unless --finetune-on is given."""
     if cfg.relearn_on not in ("forget", "holdout"):
-        fail(f"unknown --relearn-on '{cfg.relearn_on}': forget or holdout")
+        raise ilu.ILUError(f"unknown --relearn-on '{cfg.relearn_on}': forget or holdout")
     if cfg.stop_verbmem and not cfg.relearn:
-        fail("--stop-verbmem reads the held-out half of --relearn's split: add --relearn")
+        raise ilu.ILUError("--stop-verbmem reads the held-out half of --relearn's split: add --relearn")
     if cfg.stop_tolerance < 0:
-        fail(f"--stop-tolerance must be >= 0 (got {cfg.stop_tolerance})")
+        raise ilu.ILUError(f"--stop-tolerance must be >= 0 (got {cfg.stop_tolerance})")
     if not 0 < cfg.relearn_share < 1:
-        fail(f"--relearn-share must be between 0 and 1 (got {cfg.relearn_share})")
+        raise ilu.ILUError(f"--relearn-share must be between 0 and 1 (got {cfg.relearn_share})")
     if cfg.relearn_steps < 0 or cfg.relearn_samples < 0 or cfg.relearn_epochs <= 0 or cfg.relearn_lr <= 0:
-        fail("--relearn-steps and --relearn-samples must be >= 0, --relearn-epochs and --relearn-lr positive")
+        raise ilu.ILUError("--relearn-steps and --relearn-samples must be >= 0, --relearn-epochs and --relearn-lr positive")
     if cfg.relearn and "finetune_on" not in explicit:
         cfg.finetune_on = []
 
@@ -631,23 +624,22 @@ def main():
     if cfg.report:
         return report(cfg)
     if cfg.corpus not in MUSE_TARGETS:
-        fail(f"unknown corpus '{cfg.corpus}': news or books")
+        raise ilu.ILUError(f"unknown corpus '{cfg.corpus}': news or books")
     if cfg.tiny and cfg.small:
-        fail("--tiny and --small are two recipes: choose one")
+        raise ilu.ILUError("--tiny and --small are two recipes: choose one")
     if (cfg.tiny or cfg.small) and cfg.corpus != "news":
-        fail(f"--{'tiny' if cfg.tiny else 'small'} is built from MUSE-News: use --corpus news")
+        raise ilu.ILUError(f"--{'tiny' if cfg.tiny else 'small'} is built from MUSE-News: use --corpus news")
     explicit = runlib.explicit_flags(sys.argv[1:])
     cfg = runlib.resolve(cfg, explicit, SMALL if cfg.small else TINY,
                          positive=("tiny_passages", "tiny_steps", "small_epochs", "relearn_batch"), text_envs=("news",))
     if "news" in cfg.ilu_env and not runlib.scaled(cfg):
-        fail("--ilu-env news is cut from the MUSE holdout texts that PrivLeak reads at full scale: use it with "
-             "--small or --tiny")
+        raise ilu.ILUError("--ilu-env news is cut from the MUSE holdout texts that PrivLeak reads at full scale: use it with "
+                           "--small or --tiny")
     check_relearn(cfg, explicit)
     results = runlib.start_run(cfg, extra_free=() if cfg.relearn else RELEARN_KEYS + ("stop_verbmem", "stop_tolerance"))
-    import ilu
 
     model, tok, ev, forget, retain, tasks = runlib.setup(cfg, setup_full, setup_small if cfg.small else setup_tiny)
-    theta_o = ilu.state_of(model)                 # one snapshot: restoring and the task vectors
+    theta_o = scale.state_of(model)                 # one snapshot: restoring and the task vectors
     controls = Path(cfg.control_from or cfg.out) / "tv" / "original"
     if cfg.control_from:
         borrow_control(cfg, results, tasks)

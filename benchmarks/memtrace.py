@@ -5,8 +5,9 @@
 The model is built under torch's FakeTensorMode (tensors with shapes and dtypes, no
 storage), and torch.distributed._tools.mem_tracker.MemTracker follows every tensor the
 stage creates, by category (parameters, gradients, optimizer state, activations,
-temporaries), and keeps the peak. The stages run ilu's own code (`ilu.unlearn`,
-`ilu.finetune`, the evaluation's forward passes), two optimizer steps each, so the second
+temporaries), and keeps the peak. The stages run the project's own code (`ilu.unlearn`,
+`ilu.finetune`; the low-memory rows `ilu_scale.unlearn` / `ilu_scale.finetune`; the evaluation's
+forward passes), two optimizer steps each, so the second
 step's peak holds the optimizer's state.
 
 A fake tensor has no values, so the reads that depend on data are answered otherwise
@@ -31,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.distributed._tools.mem_tracker import MemTracker
 
 import ilu
+import ilu_scale as scale
 
 GiB = 2 ** 30
 CATEGORIES = ("PARAM", "GRAD", "OPT", "ACT", "TEMP")   # MemTracker's _MemRefType names we report
@@ -69,7 +71,7 @@ def traceable(answer_tokens: int):
     """
     from transformers import masking_utils
 
-    irm_terms, take, lengths, packed = (ilu._irm_terms, ilu._Sampler.take, ilu._lengths,
+    irm_terms, take, lengths, packed = (ilu._irm_terms, ilu._Sampler.take, scale._lengths,
                                         masking_utils.find_packed_sequence_indices)
     scalars = {name: (getattr(torch.Tensor, name), zero) for name, zero in (("item", 0.0), ("__int__", 0),
                                                                              ("__float__", 0.0))}
@@ -93,7 +95,7 @@ def traceable(answer_tokens: int):
         return fn if fn is not None else (lambda f: f)        # mode: torchao's optimizer step runs eagerly
 
     ilu._irm_terms, ilu._Sampler.take, compile_ = rows_irm_terms, real_take, torch.compile
-    ilu._lengths = lambda b: [b["input_ids"].size(1)] * b["input_ids"].size(0)   # `rows` pads no row
+    scale._lengths = lambda b: [b["input_ids"].size(1)] * b["input_ids"].size(0)   # `rows` pads no row
     masking_utils.find_packed_sequence_indices = torch.zeros_like  # packed rows: a mask is built, as in a real run
     torch.compile = eager
     for name, (real, zero) in scalars.items():
@@ -102,7 +104,7 @@ def traceable(answer_tokens: int):
         yield
     finally:
         ilu._irm_terms, ilu._Sampler.take, torch.compile = irm_terms, take, compile_
-        ilu._lengths, masking_utils.find_packed_sequence_indices = lengths, packed
+        scale._lengths, masking_utils.find_packed_sequence_indices = lengths, packed
         for name, (real, _) in scalars.items():
             setattr(torch.Tensor, name, real)
 
@@ -155,12 +157,12 @@ def off_the_gpu(stage):
     torchao's CPUOffloadOptimizer does: each gradient copied to the host in backward, the step run
     there, the weights copied back; it needs CUDA, so only this side can be traced here)."""
     def run(model):
-        step_one = ilu.Updater._step_one
-        ilu.Updater._step_one = lambda self, p: setattr(p, "grad", None)    # off to the host
+        step_one = scale.Updater._step_one
+        scale.Updater._step_one = lambda self, p: setattr(p, "grad", None)    # off to the host
         try:
             stage(model)
         finally:
-            ilu.Updater._step_one = step_one
+            scale.Updater._step_one = step_one
     return run
 
 
@@ -175,7 +177,7 @@ def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, 
     grad_accum: NPO's micro-batches per step (paper: 4). From the second one on, each repeats
     the same memory pattern over gradients that already exist, so 2 gives the peak of 4 in
     half the trace time (`test_peak_does_not_grow_past_two_micro_batches`). The low-memory rows
-    (`ilu.Updater`) run low_memory_accum micro-batches (paper: 4), all of them: they are packed
+    (`ilu_scale.Updater`) run low_memory_accum micro-batches (paper: 4), all of them: they are packed
     into the step's one forward. The 24 GB plan's row is the GPU side of a low-memory step whose
     optimizer state lives in CPU memory (`off_the_gpu`)."""
     forget, retain = rows(4, seq, vocab, seed=1), rows(4, seq, vocab, seed=2)
@@ -215,18 +217,18 @@ def stages(vocab: int, seq: int = 1024, env_len: int = 256, rmu_seq: int = 512, 
         f"fine-tuning attack (batch {finetune_batch})": lambda m: ilu.finetune(m, pairs, max_steps=2,
                                                                               batch_size=finetune_batch,
                                                                               progress=False),
-        "low memory, 8-bit moments: NPO + ILU(GSM8K)": lambda m: ilu.unlearn(m, forget, retain, envs=env, lam=1.0,
+        "low memory, 8-bit moments: NPO + ILU(GSM8K)": lambda m: scale.unlearn(m, forget, retain, envs=env, lam=1.0,
                                                                             **low),
-        "low memory, 8-bit moments: NPO": lambda m: ilu.unlearn(m, forget, retain, envs={}, lam=0.0, **low),
-        "low memory, 8-bit moments: GradDiff": lambda m: ilu.unlearn(m, forget, retain, envs={}, lam=0.0,
+        "low memory, 8-bit moments: NPO": lambda m: scale.unlearn(m, forget, retain, envs={}, lam=0.0, **low),
+        "low memory, 8-bit moments: GradDiff": lambda m: scale.unlearn(m, forget, retain, envs={}, lam=0.0,
                                                                     **dict(low, method="graddiff")),
         f"low memory, 8-bit moments: fine-tuning attack (batch {finetune_batch})":
-            lambda m: ilu.finetune(m, pairs, max_steps=2, batch_size=finetune_batch, low_memory="8bit",
+            lambda m: scale.finetune(m, pairs, max_steps=2, batch_size=finetune_batch, low_memory="8bit",
                                    progress=False),
         "low memory, 4-bit moments: NPO + ILU(GSM8K)":
-            lambda m: ilu.unlearn(m, forget, retain, envs=env, lam=1.0, **dict(low, low_memory="4bit")),
+            lambda m: scale.unlearn(m, forget, retain, envs=env, lam=1.0, **dict(low, low_memory="4bit")),
         "24 GB plan, GPU side: NPO + ILU(GSM8K), split estimator (8), optimizer state in CPU memory":
-            off_the_gpu(lambda m: ilu.unlearn(m, forget, retain, envs=env, lam=1.0, env_grad_batch=8,
+            off_the_gpu(lambda m: scale.unlearn(m, forget, retain, envs=env, lam=1.0, env_grad_batch=8,
                                               env_micro_batch=8, **dict(low, low_memory="full"))),
         f"WMDP/MMLU evaluation ({eval_batch} x {eval_len} tokens)": mc_eval,
         f"MUSE generation ({gen_batch} x {gen_len} tokens)": muse_generation,

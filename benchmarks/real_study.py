@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import ilu  # noqa: E402
 import runlib  # noqa: E402
 import run_muse  # noqa: E402
 from run_muse import SMALL  # noqa: E402
@@ -151,7 +152,7 @@ def run(out: Path, recipe: str, seed: int, data_dir: str, cache_dir: str):
             done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
             tail = (path / "log.txt").read_text().strip().splitlines()[-1:]
-            runlib.fail(f"{path}: run_muse.py stopped ({tail[0] if tail else 'no output'}); see {path / 'log.txt'}")
+            raise ilu.ILUError(f"{path}: run_muse.py stopped ({tail[0] if tail else 'no output'}); see {path / 'log.txt'}")
         print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
     control_models = folder(out, recipe, "NPO", seed) / "tv"        # 0.5 GB per task: no longer needed
     if finished(folder(out, recipe, "NPO + ILU(GSM8K)", seed)) and control_models.exists():
@@ -408,7 +409,7 @@ def main():
     args = ap.parse_args()
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
-        runlib.fail(f"unknown recipe {unknown[0]}: choose among {', '.join(RECIPES)}")
+        raise ilu.ILUError(f"unknown recipe {unknown[0]}: choose among {', '.join(RECIPES)}")
     out = Path(args.out)
     if not args.report:
         runlib.check_data_dir(args.data_dir)

@@ -338,7 +338,7 @@ def main():
     runlib.check_data_dir(args.data_dir)
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
-        runlib.fail(f"unknown recipe {unknown[0]}: choose among {', '.join(RECIPES)}")
+        raise ilu.ILUError(f"unknown recipe {unknown[0]}: choose among {', '.join(RECIPES)}")
     os.makedirs(args.out, exist_ok=True)
     raw, settings, t0 = {}, {}, time.perf_counter()
     saved = Path(args.out) / "study.json"

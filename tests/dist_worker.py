@@ -1,6 +1,6 @@
 """Run under `torchrun --nproc-per-node 2` by tests/test_distributed.py (gloo, CPU, fp32).
 
-Every rank builds the same tiny model twice: one copy sharded with FSDP2 (ilu.shard), one
+Every rank builds the same tiny model twice: one copy sharded with FSDP2 (scale.shard), one
 left whole, which trains exactly as a single process does. Each check runs the same step on
 both with the same global batch and writes, from rank 0, what it measured to the JSON file
 named on the command line: the largest absolute differences of losses, penalties and
@@ -15,13 +15,14 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 import ilu  # noqa: E402
+import ilu_scale as scale  # noqa: E402
 import runlib  # noqa: E402
 from conftest import model_for, tiny_llama, token_pairs, token_texts  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 
 
 def full_params(model) -> dict:
-    if not ilu.is_sharded(model):
+    if not scale.is_sharded(model):
         return {n: p.detach().clone() for n, p in model.named_parameters()}
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
@@ -33,7 +34,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 def pair(seed=0, layers=4):
     whole, sharded = tiny_llama(layers, seed), tiny_llama(layers, seed)
-    return whole, ilu.shard(sharded, "cpu")
+    return whole, scale.shard(sharded, "cpu")
 
 
 def unlearn_check(method, **kw):
@@ -43,8 +44,8 @@ def unlearn_check(method, **kw):
     args.update(kw)
     whole, sharded = pair()
     before = full_params(whole)
-    h1 = ilu.unlearn(whole, f, r, method, **args)
-    h2 = ilu.unlearn(sharded, f, r, method, **args)
+    h1 = scale.unlearn(whole, f, r, method, **args)
+    h2 = scale.unlearn(sharded, f, r, method, **args)
     p1, p2 = full_params(whole), full_params(sharded)
     return dict(
         loss_diff=max(abs(a[k] - b[k]) for a, b in zip(h1, h2) for k in ("forget", "retain", "irm")),
@@ -61,7 +62,7 @@ def penalty_check():
         logits = whole(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     global_pen = float(ilu.irm_penalty(logits, b["labels"]))
     half = [float(ilu.irm_penalty(logits[i:i + 4], b["labels"][i:i + 4])) for i in (0, 4)]
-    got = ilu._irm_backward(sharded, b, 1.0, None)
+    got = scale._irm_backward(sharded, b, 1.0, None)
     return dict(global_penalty=global_pen, mean_of_rank_penalties=sum(half) / 2, sharded=got)
 
 
@@ -77,7 +78,7 @@ def finetune_check():
                 seen[id(model)].append(float(model(input_ids=probe["input_ids"]).logits.float().sum()))
         return hook
 
-    l1, l2 = (ilu.finetune(m, data, max_steps=3, batch_size=4, grad_accum=2, lr=1e-3, progress=False,
+    l1, l2 = (scale.finetune(m, data, max_steps=3, batch_size=4, grad_accum=2, lr=1e-3, progress=False,
                            hook=hook_of(m), hook_steps=[1, 2]) for m in (whole, sharded))
     return dict(loss_diff=max(abs(a - b) for a, b in zip(l1, l2)), hook_outputs=[seen[id(whole)], seen[id(sharded)]],
                 param_diff=max_diff(full_params(whole), full_params(sharded)))
@@ -88,7 +89,7 @@ def eval_check(tmp: Path):
     texts = [" ".join(words[(i * 7 + j) % 12] for j in range(12)) for i in range(40)]
     tok = runlib.train_tokenizer(texts, vocab_size=300)
     whole, sharded = model_for(tok, layers=2, seed=1, init=0.5), model_for(tok, layers=2, seed=1, init=0.5)
-    ilu.shard(sharded, "cpu")
+    scale.shard(sharded, "cpu")
     qs = [dict(question=" ".join(words[i % 12:i % 12 + 4]), choices=words[i % 8:i % 8 + 4], answer=i % 4,
                subject="biology") for i in range(12)]
     a1, p1 = ilu.mc_accuracy(whole, tok, qs, return_predictions=True, batch_size=5, progress=False)
@@ -99,39 +100,39 @@ def eval_check(tmp: Path):
     m2 = ilu.min_k_scores(sharded, tok, texts[:6], progress=False)
     # save the whole model, load it sharded (rank 0 reads, the others start on the meta device)
     folder = tmp / "saved"
-    if ilu.is_main():
+    if scale.is_main():
         whole.save_pretrained(folder)
         tok.save_pretrained(folder)
     dist.barrier()
-    loaded, _ = ilu.load_model(str(folder), "float32", "cpu", sharded=True)
+    loaded, _ = scale.load_model(str(folder), "float32", "cpu", sharded=True)
     x = torch.tensor([tok("alpha beta gamma delta")["input_ids"]])
     with torch.no_grad():
         z1, z3 = whole(input_ids=x).logits, loaded(input_ids=x).logits
     # save_model of the sharded copy after a fine-tuning step: the file equals the whole model's
     data = ilu.encode_pairs(tok, [dict(prompt=t[:20], answer=t[20:40]) for t in texts[:8]], max_length=64)
     for m in (whole, sharded):
-        ilu.finetune(m, data, max_steps=1, batch_size=4, lr=1e-3, progress=False)
-    ilu.save_model(sharded, tok, tmp / "saved_sharded")
+        scale.finetune(m, data, max_steps=1, batch_size=4, lr=1e-3, progress=False)
+    scale.save_model(sharded, tok, tmp / "saved_sharded")
     from transformers import AutoModelForCausalLM
     reread = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(tmp / "saved_sharded").named_parameters()}
     # task vectors from rank shards, summed across ranks, against the whole model's
-    theta_w, theta_s = ilu.state_of(whole), ilu.state_of(sharded)
+    theta_w, theta_s = scale.state_of(whole), scale.state_of(sharded)
     start = {n: p.detach().clone() for n, p in model_for(tok, layers=2, seed=1, init=0.5).named_parameters()}
-    start_local = {n: ilu.local_part(sharded, n, t) for n, t in start.items()}
+    start_local = {n: scale.local_part(sharded, n, t) for n, t in start.items()}
     c1 = ilu.cosine(ilu.task_vector(theta_w, start), ilu.task_vector(theta_w, {n: t * 0 for n, t in start.items()}))
-    c2 = ilu.cosine(ilu.task_vector(theta_s, start_local),
+    c2 = scale.cosine(ilu.task_vector(theta_s, start_local),
                     ilu.task_vector(theta_s, {n: t * 0 for n, t in start_local.items()}), across_ranks=True)
     return dict(acc=[a1, a2], preds_equal=p1 == p2, generations_equal=g1 == g2,
                 min_k_diff=max(abs(a - b) for a, b in zip(m1, m2)),
                 loaded_logit_diff=float((z1 - z3).abs().max()),
                 saved_diff=max_diff({n: p.detach() for n, p in whole.named_parameters()}, reread),
                 cos=[c1, c2], norm=[ilu.norm(ilu.task_vector(theta_w, start)),
-                                    ilu.norm(ilu.task_vector(theta_s, start_local), across_ranks=True)])
+                                    scale.norm(ilu.task_vector(theta_s, start_local), across_ranks=True)])
 
 
 def main():
     out, tmp = Path(sys.argv[1]), Path(sys.argv[2])
-    ilu.init_distributed()
+    scale.init_distributed()
     torch.manual_seed(0)
     res = dict(world=dist.get_world_size(),
                npo_ilu_micro_split=unlearn_check("npo", batch_size=1, grad_accum=2),
@@ -141,7 +142,7 @@ def main():
                graddiff_ilu=unlearn_check("graddiff", batch_size=2, grad_accum=1),
                rmu_ilu=unlearn_check("rmu", batch_size=4, grad_accum=1, rmu_layer=2, lr=1e-2, max_grad_norm=None),
                penalty=penalty_check(), finetune=finetune_check(), eval=eval_check(tmp))
-    if ilu.is_main():
+    if scale.is_main():
         out.write_text(json.dumps(res, indent=1))
     dist.destroy_process_group()
 

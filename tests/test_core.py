@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import ilu
+import ilu_scale as scale
 from conftest import VOCAB, tiny_llama, token_pairs, token_texts
 
 
@@ -203,10 +204,10 @@ def test_rank_shares_of_a_micro_batch_add_up_to_one(kind):
     counts = {"rows": [1, 1, 1, 1], "tokens": [2, 2, 8, 7], "mask": [7, 7, 9, 8]}[kind]
     for world in (2, 4):
         k = 4 // world
-        shares = [ilu._share(b, slice(r * k, r * k + k), idx, kind) for r in range(world)]
+        shares = [scale._share(b, slice(r * k, r * k + k), idx, kind) for r in range(world)]
         assert sum(shares) == pytest.approx(1.0, abs=1e-6)          # RMU's mask share: an fp32 division
         assert shares == pytest.approx([sum(counts[r * k:r * k + k]) / sum(counts) for r in range(world)])
-    assert ilu._share(b, slice(0, 4), idx, kind) == 1.0
+    assert scale._share(b, slice(0, 4), idx, kind) == 1.0
 
 
 def test_rmu_step_changes_exactly_the_trained_down_projections(monkeypatch):
@@ -462,8 +463,10 @@ def test_load_model_from_local_folder_sets_pad_token(tmp_path):
     model, tok2 = ilu.load_model(str(tmp_path), dtype="float32", device="cpu", gradient_checkpointing=True)
     assert tok2.pad_token == "</s>" and model.config.pad_token_id == 1
     assert model.dtype == torch.float32 and is_checkpointing(model)
-    model16, _ = ilu.load_model(str(tmp_path), device="cpu")
+    model16, _ = ilu.load_model(str(tmp_path), "bfloat16", device="cpu")
     assert model16.dtype == torch.bfloat16
+    default, _ = ilu.load_model(str(tmp_path), device="cpu")      # on a CPU, float32 unless told (#36)
+    assert default.dtype == torch.float32
 
 
 def test_load_model_bad_path_is_one_clear_line(tmp_path):

@@ -177,7 +177,7 @@ def test_muse_forget_corpus_windows_cover_every_token():
     before = ilu.encode_texts(tok, docs, max_length=L)             # one truncated example per document
     covered = sum(len(e["input_ids"]) - 1 for e in before) / len(stream)   # less each BOS
     assert covered < 0.6                                          # about half of each document is lost
-    windows = ilu.encode_windows(tok, docs, max_length=L)
+    windows = runlib.encode_windows(tok, docs, max_length=L)
     assert all(len(w["input_ids"]) == L and w["labels"] == w["input_ids"] for w in windows)
     assert all(w["input_ids"][0] == tok.bos_token_id for w in windows)
     step, n = L - 1, len(windows)
@@ -195,11 +195,11 @@ def test_muse_forget_corpus_windows_cover_every_token():
 def test_windows_without_bos_and_short_corpus():
     tok = runlib.train_tokenizer([], merges=False)                   # one token per byte
     tok.bos_token = None
-    out = ilu.encode_windows(tok, ["abcdefg", "hi"], max_length=4)   # "abcdefg\n\nhi": 11 tokens
+    out = runlib.encode_windows(tok, ["abcdefg", "hi"], max_length=4)   # "abcdefg\n\nhi": 11 tokens
     assert [tok.decode(w["input_ids"]) for w in out] == ["abcd", "efg\n", "\nhia"]
-    assert ilu.encode_windows(tok, [], max_length=4) == []
+    assert runlib.encode_windows(tok, [], max_length=4) == []
     with pytest.raises(ilu.ILUError, match="no room"):
-        ilu.encode_windows(runlib.train_tokenizer([], merges=False), ["abc"], max_length=1)
+        runlib.encode_windows(runlib.train_tokenizer([], merges=False), ["abc"], max_length=1)
 
 
 @needs_data

@@ -1,9 +1,10 @@
-"""The low-memory mode (ilu.Updater): one backward per step, each parameter's optimizer stepping
+"""The low-memory mode (scale.Updater): one backward per step, each parameter's optimizer stepping
 inside it, quantized moments from torchao."""
 import pytest
 import torch
 
 import ilu
+import ilu_scale as scale
 from conftest import tiny_llama, token_pairs, token_texts
 
 
@@ -45,7 +46,7 @@ def test_single_backward_step_equals_accumulated_step(method, kwargs, monkeypatc
     for mode in (None, "full"):
         model = tiny_llama()
         seen = _spy_grads(monkeypatch)
-        hist = ilu.unlearn(model, forget, retain, method, lam=1.0, steps=4, batch_size=2, grad_accum=2,
+        hist = scale.unlearn(model, forget, retain, method, lam=1.0, steps=4, batch_size=2, grad_accum=2,
                            env_batch_size=6, lr=3e-3, max_grad_norm=None, low_memory=mode, seed=2,
                            progress=False, log=lambda s: None, **kwargs)
         runs[mode] = (hist, _by_param(seen, model), [p.detach().clone() for p in model.parameters()],
@@ -70,7 +71,7 @@ def test_single_backward_finetune_equals_accumulated_finetune():
     out = {}
     for mode in (None, "full"):
         model = tiny_llama()
-        losses = ilu.finetune(model, data, max_steps=4, batch_size=4, grad_accum=2, lr=3e-3, max_grad_norm=None,
+        losses = scale.finetune(model, data, max_steps=4, batch_size=4, grad_accum=2, lr=3e-3, max_grad_norm=None,
                               low_memory=mode, progress=False)
         out[mode] = (losses, [p.detach().clone() for p in model.parameters()])
     assert out["full"][0] == pytest.approx(out[None][0], rel=1e-5)
@@ -78,7 +79,7 @@ def test_single_backward_finetune_equals_accumulated_finetune():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     # the hooks are gone afterwards: a plain backward leaves its gradients in place
     model = tiny_llama()
-    ilu.finetune(model, data, max_steps=1, batch_size=4, low_memory="full", progress=False)
+    scale.finetune(model, data, max_steps=1, batch_size=4, low_memory="full", progress=False)
     b = ilu.collate(data[:4])
     model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -101,15 +102,15 @@ def test_low_memory_mode_trains_with_quantized_moments(bits, monkeypatch):
     model = _wide_llama()
     forget, retain = token_texts(8, 3, 50, 10, 0), token_texts(8, 50, 97, 10, 1)
     opened = []
-    real_close = ilu.Updater.close
+    real_close = scale.Updater.close
 
     def close(self):                                   # keep the optimizers for a look after the run
         opened.append(self)
         return real_close(self)
 
-    monkeypatch.setattr(ilu.Updater, "close", close)
+    monkeypatch.setattr(scale.Updater, "close", close)
     before = ilu.reference_logprobs(model, forget).sum().item()
-    hist = ilu.unlearn(model, forget, retain, "npo", envs={"a": token_pairs(12, 2)}, steps=8, batch_size=2,
+    hist = scale.unlearn(model, forget, retain, "npo", envs={"a": token_pairs(12, 2)}, steps=8, batch_size=2,
                        grad_accum=2, env_batch_size=6, lr=3e-3, low_memory=bits, progress=False, log=lambda s: None)
     after = ilu.reference_logprobs(model, forget).sum().item()
     assert after < before - 10                                       # the forget set's log-likelihood fell
@@ -129,7 +130,7 @@ def test_low_memory_mode_trains_with_quantized_moments(bits, monkeypatch):
 def test_low_memory_bad_input_is_one_clear_error():
     model = tiny_llama()
     with pytest.raises(ilu.ILUError, match="unknown low-memory mode '2bit'"):
-        ilu.unlearn(model, token_texts(4, 3, 50, 8, 0), token_texts(4, 50, 97, 8, 1), "npo", steps=1,
+        scale.unlearn(model, token_texts(4, 3, 50, 8, 0), token_texts(4, 50, 97, 8, 1), "npo", steps=1,
                     low_memory="2bit", progress=False, log=lambda s: None)
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters()
                if getattr(p, "_post_accumulate_grad_hooks", None) is not None)
@@ -146,7 +147,7 @@ def test_one_forward_packs_batches_exactly():
             b["attention_mask"][i, n:] = 0
             b["labels"][i, n:] = -100
     with torch.no_grad():
-        forward = ilu._one_forward(model, batches)
+        forward = scale._one_forward(model, batches)
         for b in batches:
             want = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             got = forward(b)
@@ -164,7 +165,7 @@ def test_low_memory_step_has_one_forward_with_gradient(method):
         model = tiny_llama()
         calls = []
         model.model.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
-        ilu.unlearn(model, token_texts(8, 3, 50, 10, 0), token_texts(8, 50, 97, 10, 1), method,
+        scale.unlearn(model, token_texts(8, 3, 50, 10, 0), token_texts(8, 50, 97, 10, 1), method,
                     envs={"a": token_pairs(12, 2)}, steps=3, batch_size=2, grad_accum=2, env_batch_size=6,
                     low_memory=mode, progress=False, log=lambda s: None)
         counts[mode] = sum(calls)

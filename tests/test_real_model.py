@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,11 +87,12 @@ def test_dequantized_weights_equal_gguf_py(wheel, prepared, tmp_path):
 
 def test_folder_round_trips_through_load_and_save_model(prepared, tmp_path):
     import ilu
+    import ilu_scale as scale
     from safetensors.torch import load_file
 
     model, tok = ilu.load_model(str(prepared), "float32", "cpu")
     assert type(model).__name__ == "LlamaForCausalLM" and tok.pad_token is not None
-    ilu.save_model(model, tok, tmp_path / "again")
+    scale.save_model(model, tok, tmp_path / "again")
     a, b = load_file(str(prepared / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     again, tok2 = ilu.load_model(str(tmp_path / "again"), "float32", "cpu")

@@ -36,9 +36,8 @@ def test_halves_are_disjoint_and_cover_the_passages(n, share, seed):
 
 def test_the_seed_changes_the_split_and_an_empty_half_is_refused():
     assert run_muse.relearn_split(distinct(16), 0.5, 0) != run_muse.relearn_split(distinct(16), 0.5, 1)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ilu.ILUError, match="leaves a half of the 3 forget passages empty"):   # runner: exit 2
         run_muse.relearn_split(distinct(3), 0.1, 0)                          # round(0.3) = 0 attack passages
-    assert e.value.code == 2
 
 
 def test_passages_that_share_text_stay_in_one_half():
@@ -108,8 +107,12 @@ def test_the_full_scale_attack_documents_hold_no_held_out_passage():
         assert not any(gt[j:j + 40] in t for j in range(0, len(gt) - 40, 10) for t in texts), i
     covered = [i for i in attack if any(ev["verbmem"][i]["gt"][:60] in t for t in texts)]
     assert len(covered) >= 0.7 * len(attack)                            # seed 0: 43 of 50
-    rl = run_muse.relearn_sets(cfg, runlib.train_tokenizer([], merges=False), ev, docs)
+    # a BPE of the passages: one character a token would put every ~4,000-character prompt past max_length
+    # 2,048, and encode_pairs refuses pairs whose every answer is cut away (#36)
+    tok = runlib.train_tokenizer([p["prompt"] + p["gt"] for p in ev["verbmem"]], vocab_size=2048)
+    rl = run_muse.relearn_sets(cfg, tok, ev, docs)
     assert len(rl["attack_texts"]) == 60 and set(rl["attack_texts"]) <= set(texts)   # Table 3's 60 samples
+    assert len(rl["nll_held"]) == len(held) and len(rl["nll_attack"]) == len(attack)  # every passage encoded
 
 
 @needs_data
@@ -118,9 +121,8 @@ def test_a_leak_stops_the_run(monkeypatch):
     d = run_muse.scaled_sets(cfg)
     tok = runlib.train_tokenizer([], merges=False)
     monkeypatch.setattr(run_muse, "attack_texts", lambda texts, passages, attack, held: texts[:len(passages)])
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ilu.ILUError, match="attack set holds held-out passage"):   # the runner: one line, exit 2
         run_muse.relearn_sets(cfg, tok, d["ev"], d["forget"])
-    assert e.value.code == 2
 
 
 @needs_data
