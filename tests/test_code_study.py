@@ -1,0 +1,148 @@
+"""#37's study (benchmarks/code_study.py): the split by module, each metric against a hand computation, the
+criterion's arithmetic, and a micro-scale run of the whole plumbing (tiny random model, synthetic data)."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import ilu
+import runlib
+from conftest import DATA, model_for, needs_data
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import code_study  # noqa: E402
+
+WORDS = "def return self import class for in if else while yield lambda none true false value key".split()
+
+
+def _tok():
+    texts = [" ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(40)) for i in range(50)]
+    return runlib.train_tokenizer(texts, vocab_size=320)
+
+
+@needs_data
+def test_split_is_by_module_disjoint_covering_and_seeded():
+    chunks = code_study.load_chunks(DATA)
+    modules = {c["module"] for c in chunks}
+    assert len(chunks) == 436 and len(modules) == 109
+    T, V = code_study.split_modules(chunks, seed=0)
+    mt, mv = {c["module"] for c in T}, {c["module"] for c in V}
+    assert mt.isdisjoint(mv) and mt | mv == modules                       # by module: disjoint, covering
+    assert len(mt) == round(0.5 * 109) and len(T) + len(V) == len(chunks)
+    assert all(sum(c["module"] == m for c in T) == 4 for m in mt)          # a module's 4 chunks on one side
+    assert code_study.split_modules(chunks, seed=0) == (T, V)              # the seed decides it
+    T1, _ = code_study.split_modules(chunks, seed=1)
+    assert {c["module"] for c in T1} != mt
+    with pytest.raises(ilu.ILUError, match="leaves T or V empty"):
+        code_study.split_modules(chunks, seed=0, share=0.001)
+
+
+def test_code_nll_is_the_token_weighted_mean_by_hand():
+    tok = _tok()
+    model = model_for(tok, layers=2, seed=3, init=0.5)
+    texts = ["def return self import class", "for in if else while yield lambda none true false value key"]
+    length = 6
+    total, count = 0.0, 0
+    for t in texts:                                          # one position at a time, no batching, no padding
+        ids = tok(t, truncation=True, max_length=length)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        for pos in range(len(ids) - 1):
+            total -= float(logp[pos, ids[pos + 1]])
+            count += 1
+    assert code_study.code_nll(model, tok, texts, length=length, batch_size=2) == pytest.approx(total / count,
+                                                                                                rel=1e-5)
+
+
+def test_code_mem_splits_by_tokens_and_scores_rouge_by_hand(monkeypatch):
+    tok = _tok()
+    text = " ".join(WORDS * 2)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    recs = code_study.code_mem_records(tok, [text, "def"], prefix=4, new=3)
+    assert recs == [dict(prompt=tok.decode(ids[:4]), gt=tok.decode(ids[4:7]))]   # too short: skipped
+    model = model_for(tok)
+    monkeypatch.setattr(ilu, "generate", lambda m, t, prompts, *a, **k: [r["gt"] for r in recs])
+    assert code_study.code_mem(model, tok, [text], prefix=4, new=3) == pytest.approx(100.0)
+    gt_words = recs[0]["gt"].split()
+    half = " ".join(gt_words[:1])                                  # 1 of the gt's words, nothing else
+    monkeypatch.setattr(ilu, "generate", lambda m, t, prompts, *a, **k: [half])
+    p, r = 1 / 1, 1 / len(gt_words)                               # LCS 1 over a 1-word prediction
+    assert code_study.code_mem(model, tok, [text], prefix=4, new=3) == pytest.approx(100 * 2 * p * r / (p + r))
+
+
+def test_share_back_and_the_criterion_by_hand():
+    assert code_study.share_back(unlearned=3.0, after=2.5, pretrained=2.0) == pytest.approx(0.5)
+    assert code_study.share_back(3.0, 3.2, 2.0) == pytest.approx(-0.2)       # pushed further away
+    assert math.isnan(code_study.share_back(2.0, 1.0, 2.0))
+    # mean 0.4, std 0.1: >= 1/3, > 0.2, above a control of 0.05 -> relearns; a control of 0.5 -> does not
+    assert code_study.relearns([0.3, 0.4, 0.5], [0.05, 0.05, 0.05])
+    assert not code_study.relearns([0.3, 0.4, 0.5], [0.5, 0.5, 0.5])
+    assert not code_study.relearns([0.0, 0.4, 0.8], [0.0, 0.0, 0.0])         # std 0.4: 0.4 < 2 x 0.4
+    m, s, holds = code_study.holds_back([0.5, 0.6, 0.7], [0.2, 0.2, 0.2])     # gaps 0.3, 0.4, 0.5
+    assert (m, s, holds) == (pytest.approx(0.4), pytest.approx(0.1), True)
+    assert not code_study.holds_back([0.5, 0.2], [0.2, 0.5])[2]
+
+
+def test_gradient_norms_match_autograd_on_the_losses():
+    tok = _tok()
+    model = model_for(tok, layers=2, seed=1, init=0.2)
+    forget = ilu.encode_texts(tok, ["def return self import class for"] * 2)
+    env = ilu.encode_pairs(tok, [dict(prompt="if else while", answer=" yield lambda")] * 3)
+    ref = ilu.reference_logprobs(model, forget) + 1.0
+    got = code_study.gradient_norms(model, forget, env, ref)
+    assert all(p.grad is None for p in model.parameters())                 # measured, nothing accumulated
+    fb, eb = ilu.collate(forget), ilu.collate(env)
+
+    def grad_norm(loss):                                                   # by .backward(), one loss at a time
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+
+    logits = lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # noqa: E731
+    penalty = ilu.irm_penalty(logits(eb), eb["labels"])
+    assert got["penalty"] == pytest.approx(float(penalty.detach()), rel=1e-6) and got["penalty"] > 0
+    assert got["grad_penalty"] == pytest.approx(grad_norm(penalty), rel=1e-6)
+    npo = ilu.npo_loss(ilu.sequence_logprob(logits(fb), fb["labels"]), ref)
+    assert got["grad_unlearn"] == pytest.approx(grad_norm(npo), rel=1e-6) and got["grad_unlearn"] > 0
+
+
+def test_micro_run_of_the_study_plumbing_and_resume(tmp_path):
+    tok = _tok()
+    chunks = [dict(module=f"m{m}", chunk=c, text=" ".join(WORDS[(m + c + j) % len(WORDS)] for j in range(60)))
+              for m in range(6) for c in range(2)]
+    pairs = [dict(prompt=" ".join(WORDS[i % 5:i % 5 + 3]), answer=" " + WORDS[i % 7]) for i in range(12)]
+    clf = [dict(prompt=" ".join(WORDS[i % 6:i % 6 + 4]), answer=" true", choices=[" true", " false"], label=i % 2)
+           for i in range(8)]
+    gen = [dict(prompt="if else", answer=" 3", choices=None, label="3") for _ in range(2)]
+    data = dict(chunks=chunks, retain=[" ".join(WORDS[::-1])] * 4, news=[" ".join(WORDS)] * 2,
+                wiki=[" ".join(WORDS[3:])] * 2, env=ilu.encode_pairs(tok, pairs),
+                tasks={"gsm8k": (ilu.encode_pairs(tok, pairs), gen), "sst2": (ilu.encode_pairs(tok, clf), clf)})
+    cfg = dict(code_study.DEFAULTS, tasks=["gsm8k", "sst2"], nll_tokens=16, mem_prefix=8, mem_new=4, depth=0.05,
+               max_steps=3, grad_accum=1, batch_size=2, lr=5e-3, env_batch_size=4, ft_steps=2, ft_batch=4,
+               ft_lr=5e-3, checkpoints=[1, 2], max_length=32)
+    model = model_for(tok, layers=2, seed=0)
+    stages = code_study.Seed(cfg, 0, model, tok, data, tmp_path).run()
+    expected = {"pretrained", "control/gsm8k", "control/sst2", "control/T",
+                *(f"{v}/{s}" for v in code_study.VARIANTS
+                  for s in ("unlearned", "finetune/gsm8k", "finetune/sst2", "finetune/T"))}
+    assert set(stages) == expected
+    for v in code_study.VARIANTS:
+        u = stages[f"{v}/unlearned"]
+        assert 1 <= len(u["history"]) <= 3 and len(u["stop_checks"]) == len(u["history"])
+        assert set(u["grad_before"]) == {"penalty", "grad_unlearn", "grad_penalty"}
+        for t in ("gsm8k", "sst2", "T"):
+            e = stages[f"{v}/finetune/{t}"]
+            assert [p["step"] for p in e["curve"]] == [1, 2] and len(e["share_back"]) == 2
+            assert (e["accuracy"] is None) == (t == "T") and -1 <= e["cos_back"] <= 1
+    assert stages["control/sst2"]["cos_back"] is None and 0 <= stages["control/sst2"]["accuracy"] <= 1
+    assert stages["NPO + ILU(GSM8K)/unlearned"]["history"][0]["irm"] > 0      # the penalty acts in the ILU run
+    assert stages["NPO/unlearned"]["history"][0]["irm"] == 0
+    saved = json.loads((tmp_path / "seed0" / "results.json").read_text())
+    again = code_study.Seed(cfg, 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path).run()   # resume
+    assert again == saved["stages"]
+    text = code_study.report(tmp_path, [0])
+    assert "gsm8k (ILU's environment)" in text and "sst2 (never seen by ILU)" in text and "NPO - ILU" in text
+    assert "T (the relearning attack" in text
