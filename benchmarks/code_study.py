@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ilu  # noqa: E402
@@ -80,19 +79,9 @@ def news_and_wiki(data_dir: str, n_retain: int, n_utility: int) -> dict:
 
 # -- metrics -----------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def code_nll(model, tok, texts: list[str], length: int = 128, batch_size: int = 8) -> float:
     """Mean token NLL (nats) over the first `length` tokens of each text, pooled over texts (token weighted)."""
-    examples = ilu.encode_texts(tok, texts, max_length=length)
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        b = ilu.collate(examples[i:i + batch_size], next(model.parameters()).device)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        labels = b["labels"][:, 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                       ignore_index=ilu.IGNORE, reduction="sum"))
-        count += int((labels != ilu.IGNORE).sum())
-    return total / max(count, 1)
+    return runlib.answer_nll(model, ilu.encode_texts(tok, texts, max_length=length), batch_size)
 
 
 def code_mem_records(tok, texts: list[str], prefix: int = 64, new: int = 64) -> list[dict]:
