@@ -21,7 +21,10 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy
+import tokenizers
 import torch
+import transformers
 
 import ilu
 import ilu_scale as scale
@@ -324,8 +327,22 @@ def start_run(cfg, extra_free=()):
               f"runs will differ from the README's in their last digits (docs/reproducibility.md)")
     free = {"out", "report", "eval_batch", "cache_dir", "dist_backend", *extra_free}
     results = Results(cfg.out, conf, [k for k in conf if k not in free])
-    results.data["cpu"] = dict(kernels=kernels, threads=torch.get_num_threads(), torch=torch.__version__)
+    results.data["cpu"] = machine(kernels)
     return results
+
+
+def machine(kernels: str) -> dict:
+    """What a run's last digits depend on beyond its config: the kernels and threads, the CPU model and the
+    versions of the packages doing the arithmetic (recorded in results.json, so that a rerun that differs
+    in its last digits can be traced to what changed)."""
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(kernels=kernels, threads=torch.get_num_threads(), torch=torch.__version__, cpu_model=model,
+                transformers=transformers.__version__, tokenizers=tokenizers.__version__, numpy=numpy.__version__)
 
 
 def sharded() -> bool:

@@ -169,6 +169,7 @@ class Seed:
         if not self.results.done(name):
             start = time.perf_counter()
             self.results.record(name, run(), start)
+            print(f"seed {self.seed} {name}: {summary(self.results.get(name))}", flush=True)
         return self.results.get(name)
 
     def attack(self, task: str, state, theta_o) -> dict:
@@ -188,7 +189,7 @@ class Seed:
             curve.append(dict(step=step, **self.metrics()))
 
         ilu.finetune(self.model, train, max_steps=c["ft_steps"], batch_size=c["ft_batch"], lr=c["ft_lr"],
-                     hook=hook, hook_steps=c["checkpoints"], hook_each_epoch=False, seed=self.seed, progress=False,
+                     hook=hook, hook_steps=c["checkpoints"], hook_each_epoch=False, seed=self.seed, progress=True,
                      desc=task)
         acc = ilu.task_accuracy(self.model, self.tok, test, max_new_tokens=64, progress=False) if test else None
         after = ilu.state_of(self.model)
@@ -214,7 +215,7 @@ class Seed:
         history = ilu.unlearn(self.model, forget, retain, "npo", envs=envs, lam=c["lam"] if envs else 0.0,
                               steps=c["max_steps"], batch_size=c["batch_size"], grad_accum=c["grad_accum"],
                               env_batch_size=c["env_batch_size"], lr=c["lr"], stop=stop, seed=self.seed,
-                              progress=False)
+                              progress=True)
         after = gradient_norms(self.model, forget[:4], env, ref)
         return dict(history=history, stop_checks=checks, grad_before=before, grad_after=after, **self.metrics(True))
 
@@ -233,6 +234,7 @@ class Seed:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(ilu.state_of(self.model), path)
                 self.results.record(f"{variant}/unlearned", entry, start)
+                print(f"seed {self.seed} {variant}/unlearned: {summary(entry)}", flush=True)
             u, theta_u = self.results.get(f"{variant}/unlearned"), torch.load(path)
             for t in attacks:
                 def attacked(t=t):
@@ -240,6 +242,21 @@ class Seed:
                     return dict(e, share_back=[share_back(u["v_nll"], p["v_nll"], pre["v_nll"]) for p in e["curve"]])
                 self.stage(f"{variant}/finetune/{t}", attacked)
         return self.results.data["stages"]
+
+
+def summary(entry: dict) -> str:
+    """One line for a finished stage: its time and headline figures (everything is in results.json)."""
+    parts = [f"{entry.get('time_s', 0):.0f} s"]
+    parts += [f"{k} {entry[k]:.3f}" for k in ("v_nll", "t_nll", "v_mem", "news_nll", "wiki_nll") if k in entry]
+    if "history" in entry:
+        parts.append(f"{len(entry['history'])} steps")
+    if entry.get("curve"):
+        parts.append("V NLL " + " / ".join(f"{p['v_nll']:.3f}" for p in entry["curve"]))
+    if entry.get("share_back"):
+        parts.append("share back " + " / ".join(f"{x:+.2f}" for x in entry["share_back"]))
+    if entry.get("accuracy") is not None:
+        parts.append(f"accuracy {entry['accuracy']:.3f}")
+    return ", ".join(parts)
 
 
 def load_data(cfg: dict, data_dir: str, tok, seed: int) -> dict:
@@ -327,12 +344,16 @@ def main():
     if args.report:
         return print(report(out, args.seeds))
     runlib.check_data_dir(args.data_dir)
+    kernels = runlib.pin_cpu_kernels("avx2")      # the same bits on any x86-64 CPU (docs/reproducibility.md)
+    print(f"CPU kernels: {kernels}, {torch.get_num_threads()} threads")
     cfg = dict(DEFAULTS, tasks=args.tasks, lam=args.lam)
     path = runlib.model_path("smollm2-135m", args.cache_dir)
     for seed in args.seeds:
         torch.manual_seed(seed)
         model, tok = ilu.load_model(path, "float32", "cpu")
-        Seed(cfg, seed, model, tok, load_data(cfg, args.data_dir, tok, seed), out).run()
+        run = Seed(cfg, seed, model, tok, load_data(cfg, args.data_dir, tok, seed), out)
+        run.results.data["cpu"] = runlib.machine(kernels)
+        run.run()
     print(report(out, args.seeds))
 
 
