@@ -32,7 +32,6 @@ model that never saw the passages attacked the same way (docs/real_study.md, "Th
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -101,23 +100,11 @@ class Config(runlib.CommonConfig):
     control_from: str = h("a finished run folder with the same target, seed and fine-tuning settings: its "
                           "Original rows and fine-tuned originals serve as this run's control instead of "
                           "fine-tuning the original again", default="")
-    # the relearning attack (the paper's Table 3, for MUSE)
-    relearn: bool = h("the relearning attack: the forget passages split in two by --seed; after unlearning, fine-tune "
-                      "on the attack half and read VerbMem and the forget NLL of each half at the attack's quartiles, "
-                      "beside two controls attacked the same way: the target and a model that never saw the forget "
-                      "passages (--never-saw). Fine-tuning on other tasks only with an explicit --finetune-on",
-                      default=False)
+    # the relearning attack (--relearn and its common flags: runlib.CommonConfig), MUSE's own parts
     relearn_on: str = h("--relearn's attack set: forget (the attack half's texts: Table 3) or holdout (as many MUSE "
                         "holdout texts, cut as the passages are: the forget set's format, none of its content)",
                         default="forget")
     relearn_share: float = h("--relearn: share of the forget passages in the attack half", default=0.5)
-    relearn_samples: int = h("--relearn: at most this many attack texts, drawn by --seed (Table 3: 60 forget samples); "
-                             "0: all (--tiny, --small: all, the attack half's passages)", default=60)
-    relearn_steps: int = h("--relearn: attack steps; 0: --relearn-epochs", default=0)
-    relearn_epochs: float = h("--relearn: attack epochs over the attack set when --relearn-steps is 0 (Table 3: 1)",
-                              default=1.0)
-    relearn_batch: int = h("--relearn: attack batch size", default=4)
-    relearn_lr: float = h("--relearn: attack learning rate (constant; the fine-tuning's, 2e-5)", default=2e-5)
     never_saw: str = h("--relearn's second control, a model of the target's architecture and tokenizer that never saw "
                        "the forget passages; empty: MUSE's retrain model of --corpus (--small: --model before the "
                        "target's fine-tuning; --tiny: the tiny recipe trained without the forget passages and QA)",
@@ -415,11 +402,6 @@ def relearn_metrics(model, tok, rl: dict, cfg: Config) -> dict:
     return out
 
 
-def relearn_points(total: int) -> list[int]:
-    """The attack's checkpoints: its quartiles."""
-    return sorted({max(1, round(total * q / 4)) for q in (1, 2, 3, 4)})
-
-
 class HeldOutStop:
     """scale.unlearn's stop rule for --stop-verbmem: VerbMem on the held-out half after every step; at the
     first step at or below the threshold (plus --stop-tolerance), unlearning ends on that step or the one
@@ -470,20 +452,9 @@ def relearn_stage(model, tok, cfg: Config, rl: dict, results, who: str, state, t
     runlib.restore(model, state)
     data = runlib.encode(tok, rl["attack_texts"], cfg.max_length,
                          windows=cfg.corpus_windows and not runlib.scaled(cfg))
-    per_epoch = math.ceil(len(data) / cfg.relearn_batch)
-    total = cfg.relearn_steps or max(1, round(cfg.relearn_epochs * per_epoch))
-    curve = [dict(step=0, **relearn_metrics(model, tok, rl, cfg))]
-
-    def hook(step, epoch):
-        curve.append(dict(step=step, **relearn_metrics(model, tok, rl, cfg)))
-        tqdm.write(f"{name}, step {step}: " + relearn_line(curve[-1]))
-
-    print(f"{name}, step 0: " + relearn_line(curve[0]))
-    losses = scale.finetune(model, data, max_steps=total, batch_size=cfg.relearn_batch, lr=cfg.relearn_lr,
-                          hook=hook, hook_steps=relearn_points(total), hook_each_epoch=False,
-                          low_memory=cfg.low_memory or None, seed=cfg.seed, desc=name)
-    entry = dict(split=rl["split"], attack_texts=len(data), steps=total, curve=curve, loss_first=losses[0],
-                 loss_last=losses[-1])
+    entry = dict(split=rl["split"], attack_texts=len(data),
+                 **runlib.relearning_attack(model, data, cfg, lambda: relearn_metrics(model, tok, rl, cfg), name,
+                                            relearn_line))
     if theta_u is not None:
         tau_u, tau_rl = ilu.task_vector(theta_u, theta_o), ilu.task_vector(scale.state_of(model), theta_u)
         entry["geometry"] = dict(cos_back=ilu.cosine(tau_rl, tau_u), norm_u=ilu.norm(tau_u), norm_rl=ilu.norm(tau_rl))

@@ -31,7 +31,7 @@ from runlib import h
 TINY = dict(  # --tiny: sizes for 2 CPU cores (about 3 minutes with the target's training; see README)
     npo=dict(lr=5e-4), graddiff=dict(lr=5e-4), rmu=dict(lr=5e-3, rmu_layer=2, rmu_coeff=100.0, rmu_alpha=100.0),
     common=dict(steps=60, batch_size=8, grad_accum=1, max_length=256, env_batch_size=16, finetune_steps=40,
-                finetune_batch=8, finetune_lr=1e-4, fa_limit=200, relearn_lr=1e-4))
+                finetune_batch=8, finetune_lr=1e-4, fa_limit=200, relearn_batch=8, relearn_lr=1e-4))
 
 
 @dataclass
@@ -44,10 +44,6 @@ class Config(runlib.CommonConfig):
     retain_corpora: list = h("retain corpora", default_factory=lambda: ["wmdp-bio-retain", "wmdp-cyber-retain"])
     curve_points: int = h("forget quality is measured at this many evenly spaced fine-tuning steps (and RA's)", default=4)
     eval_limit: int = h("questions per benchmark (WMDP-Bio, WMDP-Cyber, MMLU); 0: all", default=0)
-    relearn: bool = h("relearning attack (Table 3): fine-tune on a few forget samples", default=False)
-    relearn_samples: int = h("forget samples for the relearning attack (paper: 60)", default=60)
-    relearn_epochs: float = h("relearning epochs (paper: 1)", default=1.0)
-    relearn_lr: float = h("relearning learning rate", default=2e-5)
     task_vectors: bool = h("cosines of the task vectors on --tv-task (needs it in --finetune-on)", default=True)
     tv_task: str = h("task of the task-vector analysis", default="gsm8k")
     tiny_questions: int = h("--tiny: WMDP-Bio and MMLU questions whose answers the target learns", default=64)
@@ -326,16 +322,17 @@ def main():
             k = len(forget_texts) // 2
             sample, held_out = forget_texts[:k], qs["bio"][k:]
         else:
-            sample = random.Random(cfg.seed).sample(forget_texts, min(cfg.relearn_samples, len(forget_texts)))
+            sample = random.Random(cfg.seed).sample(forget_texts, min(cfg.relearn_samples or len(forget_texts),
+                                                                      len(forget_texts)))
             held_out = qs["bio"]
-        before = ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)
         data = runlib.encode(tok, sample, cfg.max_length)
-        scale.finetune(model, data, epochs=cfg.relearn_epochs, batch_size=min(cfg.finetune_batch, len(data)),
-                     lr=cfg.relearn_lr, seed=cfg.seed, hook_each_epoch=False, low_memory=cfg.low_memory or None,
-                     desc="relearn")
-        after = ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)
-        results.record("relearn", dict(samples=len(sample), eval_questions=len(held_out),
-                                       fq_before=ilu.forget_quality(before), fq_after=ilu.forget_quality(after)), start)
+
+        def fq():
+            return dict(fq=ilu.forget_quality(ilu.mc_accuracy(model, tok, held_out, batch_size=cfg.eval_batch)))
+
+        attack = runlib.relearning_attack(model, data, cfg, fq, "relearn", lambda e: f"FQ {e['fq']:.3f}")
+        results.record("relearn", dict(samples=len(sample), eval_questions=len(held_out), fq_before=attack["curve"][0]["fq"],
+                                       fq_after=attack["curve"][-1]["fq"], **attack), start)
 
     tv = out / "tv"
     if (cfg.task_vectors and not results.done("task_vectors") and (tv / "original_ft").exists()

@@ -25,6 +25,7 @@ import numpy
 import tokenizers
 import torch
 import transformers
+from tqdm import tqdm
 
 import ilu
 import ilu_scale as scale
@@ -199,6 +200,17 @@ class CommonConfig:
     finetune_lr: float = h("fine-tuning learning rate (follow-up paper: 2e-5)", default=2e-5)
     finetune_original: bool = h("also fine-tune the original model (the Original rows, the control)", default=True)
     fa_limit: int = h("test examples per task for FA; 0: all", default=1000)
+    # the relearning attack (the paper's Table 3; relearning_attack, the same in both runners)
+    relearn: bool = h("the relearning attack (Table 3): after unlearning, fine-tune on forget samples and measure "
+                      "the forgetting before and at the attack's quartiles (run_wmdp: FQ on WMDP-Bio; run_muse: "
+                      "the forget passages split in two, one half attacked, the other held out)", default=False)
+    relearn_samples: int = h("--relearn: at most this many attack samples, drawn by --seed (Table 3: 60); 0: all",
+                             default=60)
+    relearn_steps: int = h("--relearn: attack steps; 0: --relearn-epochs", default=0)
+    relearn_epochs: float = h("--relearn: attack epochs over the attack samples when --relearn-steps is 0 "
+                              "(Table 3: 1)", default=1.0)
+    relearn_batch: int = h("--relearn: attack batch size", default=4)
+    relearn_lr: float = h("--relearn: attack learning rate (constant; the fine-tuning's, 2e-5)", default=2e-5)
     eval_batch: int = h("batch size of evaluation", default=16)
     cache_dir: str = h("where tiny and fine-tuned targets are cached, and models prepared offline "
                        "(prepare_model.py) are found", default=DEFAULT_CACHE)
@@ -242,7 +254,7 @@ def resolve(cfg, explicit: set, tiny_defaults: dict, positive=(), text_envs=()):
         raise ilu.ILUError("--stop-forget-nll needs the forget set's token NLL, which RMU does not compute: use it with npo or graddiff")
     if cfg.env_grad_batch < 0:
         raise ilu.ILUError(f"--env-grad-batch must be >= 0 (got {cfg.env_grad_batch}; 0: the full estimator)")
-    for name in ("steps", "finetune_steps", "finetune_batch", "env_batch_size", *positive):
+    for name in ("steps", "finetune_steps", "finetune_batch", "env_batch_size", "relearn_batch", *positive):
         if getattr(cfg, name) <= 0:
             raise ilu.ILUError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
     check_data_dir(cfg.data_dir)
@@ -343,6 +355,32 @@ def machine(kernels: str) -> dict:
         pass
     return dict(kernels=kernels, threads=torch.get_num_threads(), torch=torch.__version__, cpu_model=model,
                 transformers=transformers.__version__, tokenizers=tokenizers.__version__, numpy=numpy.__version__)
+
+
+def relearn_points(total: int) -> list[int]:
+    """The relearning attack's checkpoints: its quartiles."""
+    return sorted({max(1, round(total * q / 4)) for q in (1, 2, 3, 4)})
+
+
+def relearning_attack(model, data: Sequence[Mapping], cfg, measure: Callable[[], dict], name: str,
+                      line: Callable[[dict], str]) -> dict:
+    """The relearning attack, one for both runners: fine-tune the model as it stands on `data` (the encoded
+    attack samples) for --relearn-steps (0: --relearn-epochs) steps of --relearn-batch at the constant
+    --relearn-lr, with measure() before the attack and at its quartiles, each checkpoint printed by `line`.
+    Returns dict(steps, curve=[{step, **measure()}, ...], loss_first, loss_last)."""
+    batch = min(cfg.relearn_batch, len(data))
+    total = cfg.relearn_steps or max(1, round(cfg.relearn_epochs * math.ceil(len(data) / batch)))
+    curve = [dict(step=0, **measure())]
+    print(f"{name}, step 0: {line(curve[0])}")
+
+    def hook(step, _epoch):
+        curve.append(dict(step=step, **measure()))
+        tqdm.write(f"{name}, step {step}: {line(curve[-1])}")
+
+    losses = scale.finetune(model, data, max_steps=total, batch_size=batch, lr=cfg.relearn_lr, hook=hook,
+                            hook_steps=relearn_points(total), hook_each_epoch=False,
+                            low_memory=cfg.low_memory or None, seed=cfg.seed, desc=name)
+    return dict(steps=total, curve=curve, loss_first=losses[0], loss_last=losses[-1])
 
 
 def sharded() -> bool:

@@ -156,8 +156,37 @@ def test_share_back_by_hand():
 
 
 def test_checkpoints_are_the_quartiles():
-    assert run_muse.relearn_points(40) == [10, 20, 30, 40]
-    assert run_muse.relearn_points(2) == [1, 2]
+    assert runlib.relearn_points(40) == [10, 20, 30, 40]
+    assert runlib.relearn_points(2) == [1, 2]
+
+
+def test_one_relearning_attack_for_both_runners(capsys):
+    """runlib.relearning_attack: --relearn-steps, else --relearn-epochs over ceil(n / batch) batches; measure()
+    before the attack and at its quartiles; the same as ilu.finetune run alone. Both runners take its flags
+    from the common config, with the same defaults."""
+    import run_wmdp
+
+    model, data = tiny_llama(), token_pairs(10, seed=1)
+    cfg = runlib.CommonConfig(relearn_batch=4, relearn_epochs=2.0, relearn_lr=1e-3, low_memory="")
+    state, calls = ilu.state_of(model), []
+
+    def measure():
+        calls.append(0)
+        return dict(n=len(calls))
+
+    out = runlib.relearning_attack(model, data, cfg, measure, "rl", lambda e: f"n {e['n']}")
+    assert out["steps"] == 6                                   # 2 epochs x ceil(10 / 4); quartiles 1.5, 3, 4.5, 6 rounded half to even
+    assert [p["step"] for p in out["curve"]] == [0, 2, 3, 4, 6] and [p["n"] for p in out["curve"]] == [1, 2, 3, 4, 5]
+    assert "rl, step 0: n 1" in capsys.readouterr().out
+    attacked = ilu.state_of(model)
+    runlib.restore(model, state)
+    losses = ilu.finetune(model, data, max_steps=6, batch_size=4, lr=1e-3, hook_each_epoch=False, progress=False)
+    assert (out["loss_first"], out["loss_last"]) == (losses[0], losses[-1])
+    assert all(torch.equal(attacked[k], v) for k, v in ilu.state_of(model).items())
+    cfg.relearn_steps = 3
+    assert runlib.relearning_attack(model, data, cfg, dict, "rl", str)["steps"] == 3
+    for name in ("relearn", "relearn_samples", "relearn_steps", "relearn_epochs", "relearn_batch", "relearn_lr"):
+        assert getattr(run_wmdp.Config(), name) == getattr(run_muse.Config(), name) == getattr(runlib.CommonConfig(), name)
 
 
 def test_unlearn_stops_where_the_callers_rule_says():
