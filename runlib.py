@@ -357,6 +357,17 @@ def machine(kernels: str) -> dict:
                 transformers=transformers.__version__, tokenizers=tokenizers.__version__, numpy=numpy.__version__)
 
 
+def cut_words(text: str, chars: int, end: bool = False) -> str:
+    """The first (or last) `chars` characters of text, widened to whole words."""
+    if len(text) <= chars:
+        return text
+    if end:
+        piece = text[-chars:]
+        return piece[piece.find(" ") + 1:] if " " in piece else piece
+    piece = text[:chars]
+    return piece[:piece.rfind(" ")] if " " in piece else piece
+
+
 def relearn_points(total: int) -> list[int]:
     """The relearning attack's checkpoints: its quartiles."""
     return sorted({max(1, round(total * q / 4)) for q in (1, 2, 3, 4)})

@@ -16,10 +16,12 @@ split *by module* with the seed into T, unlearned, and V, held out (never traine
 MUSE-News texts (privleak retain2); utility: the token NLL of other MUSE-News texts (privleak holdout) and of
 WikiText-2, apart from both, and each attack task's accuracy after its fine-tuning.
 
-Metrics: code NLL = the mean token NLL over the first 128 tokens of each chunk (all chunks pooled, token
-weighted); CodeMem = ROUGE-L F1 x 100 between the greedy continuation of a chunk's first 64 tokens and its
-true next 64 tokens (MUSE's VerbMem, on code); share back = (unlearned - after) / (unlearned - pretrained)
-of V's code NLL, per checkpoint. Everything a stage measured is in OUT/seed{S}/results.json.
+Metrics: code NLL = the mean token NLL over the first 128 tokens of a chunk, pooled over chunks (token
+weighted), read on the probes, one chunk of each module (the third of its four), at every checkpoint and by the
+stop rule, and on all chunks before and after unlearning (v_nll_all); CodeMem = ROUGE-L F1 x 100 between the
+greedy continuation of a probe's first 64 tokens and its true next 64 tokens (MUSE's VerbMem, on code); share
+back = (unlearned - after) / (unlearned - pretrained) of V's probe NLL, per checkpoint. Everything a stage
+measured is in OUT/seed{S}/results.json.
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ import ilu  # noqa: E402
 import runlib  # noqa: E402
 
 TASKS = ["gsm8k", "sst2", "agnews", "winogrande"]     # GSM8K: ILU's environment; the others: never seen by ILU
+DEFAULT_TASKS = ["gsm8k", "sst2", "agnews"]           # two never seen by ILU; --tasks adds winogrande
 VARIANTS = {"NPO": {}, "NPO + ILU(GSM8K)": {"envs": ["gsm8k"]}}
 DEFAULTS = dict(  # #37's hand trial: NPO 20 x 4 at lr 5e-5 raised V's NLL ~0.5 nats; GSM8K 40 x 4 at 2e-5
-    share=0.5, nll_tokens=128, mem_prefix=64, mem_new=64, depth=0.5, max_steps=40, batch_size=1, grad_accum=4,
+    share=0.5, probe_chunk=2, nll_tokens=128, mem_prefix=64, mem_new=64, depth=0.5, max_steps=40, batch_size=1, grad_accum=4,
     lr=5e-5, lam=1.0, env_batch_size=16, ft_steps=40, ft_batch=4, ft_lr=2e-5, checkpoints=[10, 20, 30, 40],
     n_train=512, n_eval=100, retain_texts=32, utility_texts=16, max_length=256)
 
@@ -154,13 +157,19 @@ class Seed:
         self.out = out / f"seed{seed}"
         self.results = runlib.Results(self.out, dict(cfg, seed=seed), [k for k in cfg if k != "report"])
         self.T, self.V = split_modules(data["chunks"], seed, cfg["share"])
+        # the probes: one chunk of each module (the probe_chunk-th), read at every checkpoint and by the stop rule;
+        # the whole sets are read before and after unlearning (v_nll_all, t_nll_all)
+        self.Tp, self.Vp = ([x["text"] for x in side if x["chunk"] == cfg["probe_chunk"]] for side in (self.T, self.V))
+        if not self.Tp or not self.Vp:
+            raise ilu.ILUError(f"no chunk {cfg['probe_chunk']} in T or V: choose a probe_chunk the modules have")
 
     def metrics(self, full: bool = False) -> dict:
         c, m, tok = self.cfg, self.model, self.tok
-        out = dict(v_nll=code_nll(m, tok, [x["text"] for x in self.V], c["nll_tokens"]),
-                   t_nll=code_nll(m, tok, [x["text"] for x in self.T], c["nll_tokens"]))
+        out = dict(v_nll=code_nll(m, tok, self.Vp, c["nll_tokens"]), t_nll=code_nll(m, tok, self.Tp, c["nll_tokens"]))
         if full:
-            out.update(v_mem=code_mem(m, tok, [x["text"] for x in self.V], c["mem_prefix"], c["mem_new"]),
+            out.update(v_nll_all=code_nll(m, tok, [x["text"] for x in self.V], c["nll_tokens"]),
+                       t_nll_all=code_nll(m, tok, [x["text"] for x in self.T], c["nll_tokens"]),
+                       v_mem=code_mem(m, tok, self.Vp, c["mem_prefix"], c["mem_new"]),
                        news_nll=code_nll(m, tok, self.data["news"], c["max_length"]),
                        wiki_nll=code_nll(m, tok, self.data["wiki"], c["max_length"]))
         return out
@@ -206,7 +215,7 @@ class Seed:
         checks = []
 
         def stop(step):
-            v = code_nll(self.model, tok, [x["text"] for x in self.V], c["nll_tokens"])
+            v = code_nll(self.model, tok, self.Vp, c["nll_tokens"])
             checks.append(dict(step=step, v_nll=v))
             return v >= target
 
@@ -247,7 +256,8 @@ class Seed:
 def summary(entry: dict) -> str:
     """One line for a finished stage: its time and headline figures (everything is in results.json)."""
     parts = [f"{entry.get('time_s', 0):.0f} s"]
-    parts += [f"{k} {entry[k]:.3f}" for k in ("v_nll", "t_nll", "v_mem", "news_nll", "wiki_nll") if k in entry]
+    parts += [f"{k} {entry[k]:.3f}" for k in ("v_nll", "t_nll", "v_nll_all", "t_nll_all", "v_mem", "news_nll", "wiki_nll")
+              if k in entry]
     if "history" in entry:
         parts.append(f"{len(entry['history'])} steps")
     if entry.get("curve"):
@@ -285,7 +295,7 @@ def report(out: Path, seeds: list[int]) -> str:
     judged = len(seeds) > 1                                  # the criterion needs a seed spread
     lines = [f"seeds {seeds}; criterion: share back on V >= 1/3, > 2 std, > control; ILU holds back: "
              f"NPO - ILU paired by seed > 0 and > 2 std" + ("" if judged else " (one seed: no verdict)"), ""]
-    keys = ("v_nll", "t_nll", "v_mem", "news_nll", "wiki_nll")
+    keys = ("v_nll", "t_nll", "v_nll_all", "t_nll_all", "v_mem", "news_nll", "wiki_nll")
     for who in ("pretrained", *(f"{v}/unlearned" for v in VARIANTS)):
         if all(who in runs[s] for s in seeds):
             row = [f"{k} {mean_std([runs[s][who][k] for s in seeds])[0]:.3f}" for k in keys]
@@ -336,7 +346,8 @@ def main():
     ap.add_argument("--out", default="runs/code_study", help="one folder per seed, each a results.json")
     ap.add_argument("--cache-dir", default=runlib.DEFAULT_CACHE, help="where prepare_model.py put SmolLM2")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
+    ap.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=TASKS, help="the fine-tuning attacks "
+                    "(gsm8k: ILU's environment; default: %(default)s)")
     ap.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="ILU's lambda (the paper's range: 0.1-2)")
     ap.add_argument("--report", action="store_true", help="only print the tables from the saved runs")
     args = ap.parse_args()

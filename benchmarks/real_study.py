@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ilu  # noqa: E402
 import runlib  # noqa: E402
-import run_muse  # noqa: E402
+import muse_relearn  # noqa: E402
 from run_muse import SMALL  # noqa: E402
 from tiny_study import ms, relearning  # noqa: E402
 
@@ -246,7 +246,7 @@ def tables(name: str, runs: dict, seeds: list[int]) -> str:
 def shares_back(st: dict) -> list[float]:
     """A run's held-out share back at each checkpoint of the attack, (after − unlearned) / (target − unlearned)."""
     curve = [p["verbmem_held"] for p in st["relearn/unlearned"]["curve"]]
-    return [run_muse.share_back(st["relearn/original"]["curve"][0]["verbmem_held"], curve[0], v) for v in curve]
+    return [muse_relearn.share_back(st["relearn/original"]["curve"][0]["verbmem_held"], curve[0], v) for v in curve]
 
 
 def relearn_verdict(runs: list[dict], i: int = -1) -> dict:
@@ -274,7 +274,7 @@ def ilu_gap(npo: list[dict], other: list[dict], i: int) -> dict:
 
 
 def unlearning_steps(entry: dict) -> int:
-    """The steps the unlearned model took: the one its stop rule kept (run_muse.HeldOutStop), else all it ran."""
+    """The steps the unlearned model took: the one its stop rule kept (muse_relearn.HeldOutStop), else all it ran."""
     kept = [c["step"] for c in entry.get("stop_checks", []) if c.get("kept")]
     return kept[0] if kept else len(entry["history"])
 

@@ -120,7 +120,7 @@ def test_micro_run_of_the_study_plumbing_and_resume(tmp_path):
     data = dict(chunks=chunks, retain=[" ".join(WORDS[::-1])] * 4, news=[" ".join(WORDS)] * 2,
                 wiki=[" ".join(WORDS[3:])] * 2, env=ilu.encode_pairs(tok, pairs),
                 tasks={"gsm8k": (ilu.encode_pairs(tok, pairs), gen), "sst2": (ilu.encode_pairs(tok, clf), clf)})
-    cfg = dict(code_study.DEFAULTS, tasks=["gsm8k", "sst2"], nll_tokens=16, mem_prefix=8, mem_new=4, depth=0.05,
+    cfg = dict(code_study.DEFAULTS, tasks=["gsm8k", "sst2"], probe_chunk=1, nll_tokens=16, mem_prefix=8, mem_new=4, depth=0.05,
                max_steps=3, grad_accum=1, batch_size=2, lr=5e-3, env_batch_size=4, ft_steps=2, ft_batch=4,
                ft_lr=5e-3, checkpoints=[1, 2], max_length=32)
     model = model_for(tok, layers=2, seed=0)

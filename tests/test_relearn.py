@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ilu
+import muse_relearn
 import run_muse
 import runlib
 from conftest import DATA, ROOT, needs_data, run_script, tiny_llama, token_pairs, token_texts
@@ -28,16 +29,16 @@ def distinct(n):
 
 @pytest.mark.parametrize("n, share, seed", [(16, 0.5, 0), (16, 0.5, 1), (15, 0.5, 2), (100, 0.25, 0), (2, 0.5, 0)])
 def test_halves_are_disjoint_and_cover_the_passages(n, share, seed):
-    attack, held = run_muse.relearn_split(distinct(n), share, seed)
+    attack, held = muse_relearn.relearn_split(distinct(n), share, seed)
     assert set(attack).isdisjoint(held) and sorted(attack + held) == list(range(n))
     assert len(attack) == round(share * n) and held
-    assert run_muse.relearn_split(distinct(n), share, seed) == (attack, held)   # the seed decides it
+    assert muse_relearn.relearn_split(distinct(n), share, seed) == (attack, held)   # the seed decides it
 
 
 def test_the_seed_changes_the_split_and_an_empty_half_is_refused():
-    assert run_muse.relearn_split(distinct(16), 0.5, 0) != run_muse.relearn_split(distinct(16), 0.5, 1)
+    assert muse_relearn.relearn_split(distinct(16), 0.5, 0) != muse_relearn.relearn_split(distinct(16), 0.5, 1)
     with pytest.raises(ilu.ILUError, match="leaves a half of the 3 forget passages empty"):   # runner: exit 2
-        run_muse.relearn_split(distinct(3), 0.1, 0)                          # round(0.3) = 0 attack passages
+        muse_relearn.relearn_split(distinct(3), 0.1, 0)                          # round(0.3) = 0 attack passages
 
 
 def test_passages_that_share_text_stay_in_one_half():
@@ -45,7 +46,7 @@ def test_passages_that_share_text_stay_in_one_half():
     p = distinct(8) + [dict(prompt=" ".join(words[:20]), gt=" " + " ".join(words[20:35])),    # 8 and 9: one
                        dict(prompt=" ".join(words[28:40]), gt=" " + " ".join(words[40:60]))]  # article, overlapping
     for seed in range(6):
-        attack, held = run_muse.relearn_split(p, 0.5, seed)
+        attack, held = muse_relearn.relearn_split(p, 0.5, seed)
         assert sorted(attack + held) == list(range(10)) and len(attack) == 5
         assert (8 in attack) == (9 in attack)
 
@@ -58,15 +59,15 @@ def test_a_text_holding_a_held_out_passage_never_joins_the_attack():
             p[2]["prompt"] + p[2]["gt"] + "\n\n" + p[1]["prompt"][-200:],    # attack + the end of a held-out prompt
             "news in the same style, no passage",
             "Question: who?\nAnswer: nobody"]
-    assert run_muse.attack_texts(docs, p, attack=[0, 2], held=[1, 3]) == [docs[0]]
-    assert run_muse.attack_texts(docs, p, attack=[0, 1, 2], held=[3]) == docs[:3]
+    assert muse_relearn.attack_texts(docs, p, attack=[0, 2], held=[1, 3]) == [docs[0]]
+    assert muse_relearn.attack_texts(docs, p, attack=[0, 1, 2], held=[3]) == docs[:3]
     # two cuts of one article: the first's continuation runs into the second's prompt
     words = [f"w{i}" for i in range(60)]
     cut = [dict(prompt=" ".join(words[:20]), gt=" " + " ".join(words[20:35])),
            dict(prompt=" ".join(words[25:40]), gt=" " + " ".join(words[40:60]))]
     text = [c["prompt"] + c["gt"] for c in cut]
-    assert run_muse.attack_texts(text, cut, attack=[1], held=[0]) == []
-    assert run_muse.attack_texts(text + ["w1 w2"], cut, attack=[0, 1], held=[]) == text
+    assert muse_relearn.attack_texts(text, cut, attack=[1], held=[0]) == []
+    assert muse_relearn.attack_texts(text + ["w1 w2"], cut, attack=[0, 1], held=[]) == text
 
 
 def small_config(extra=()):
@@ -81,7 +82,7 @@ def test_the_small_attack_set_holds_no_held_out_passage(seed):
     cfg = small_config(["--seed", str(seed)])
     d = run_muse.scaled_sets(cfg)
     tok = runlib.train_tokenizer([], merges=False)
-    rl = run_muse.relearn_sets(cfg, tok, d["ev"], d["forget"])
+    rl = muse_relearn.relearn_sets(cfg, tok, d["ev"], d["forget"])
     assert len(rl["held"]) == len(rl["attack"]) == 8 and rl["attack_texts"]
     # the attack set: the attack half's passages as the target learned them; two cuts of one article stay
     # together (passages 1 and 12 repeat a paragraph, 8 runs into 9)
@@ -99,8 +100,8 @@ def test_the_full_scale_attack_documents_hold_no_held_out_passage():
     cfg = runlib.parse_config(run_muse.Config, ["--data-dir", DATA, "--relearn"])
     ev = run_muse.load_eval(cfg)
     docs = json.loads(open(f"{DATA}/muse_news/raw/forget.json").read())
-    attack, held = run_muse.relearn_split(ev["verbmem"], 0.5, 0)
-    texts = run_muse.attack_texts(docs, ev["verbmem"], attack, held)
+    attack, held = muse_relearn.relearn_split(ev["verbmem"], 0.5, 0)
+    texts = muse_relearn.attack_texts(docs, ev["verbmem"], attack, held)
     assert 40 < len(texts) < 100                      # the documents the attack half was cut from (seed 0: 71)
     for i in held:                                                     # characters, not word runs
         gt = ev["verbmem"][i]["gt"]
@@ -110,7 +111,7 @@ def test_the_full_scale_attack_documents_hold_no_held_out_passage():
     # a BPE of the passages: one character a token would put every ~4,000-character prompt past max_length
     # 2,048, and encode_pairs refuses pairs whose every answer is cut away (#36)
     tok = runlib.train_tokenizer([p["prompt"] + p["gt"] for p in ev["verbmem"]], vocab_size=2048)
-    rl = run_muse.relearn_sets(cfg, tok, ev, docs)
+    rl = muse_relearn.relearn_sets(cfg, tok, ev, docs)
     assert len(rl["attack_texts"]) == 60 and set(rl["attack_texts"]) <= set(texts)   # Table 3's 60 samples
     assert len(rl["nll_held"]) == len(held) and len(rl["nll_attack"]) == len(attack)  # every passage encoded
 
@@ -120,9 +121,9 @@ def test_a_leak_stops_the_run(monkeypatch):
     cfg = small_config()
     d = run_muse.scaled_sets(cfg)
     tok = runlib.train_tokenizer([], merges=False)
-    monkeypatch.setattr(run_muse, "attack_texts", lambda texts, passages, attack, held: texts[:len(passages)])
+    monkeypatch.setattr(muse_relearn, "attack_texts", lambda texts, passages, attack, held: texts[:len(passages)])
     with pytest.raises(ilu.ILUError, match="attack set holds held-out passage"):   # the runner: one line, exit 2
-        run_muse.relearn_sets(cfg, tok, d["ev"], d["forget"])
+        muse_relearn.relearn_sets(cfg, tok, d["ev"], d["forget"])
 
 
 @needs_data
@@ -131,12 +132,12 @@ def test_holdout_texts_are_news_the_target_never_read():
     passages are, the two sets disjoint and none of them a forget, retain or PrivLeak text."""
     cfg = small_config(["--relearn-on", "holdout"])
     d = run_muse.scaled_sets(cfg)
-    attack, env = run_muse.holdout_pool(cfg, d["ev"])
+    attack, env = muse_relearn.holdout_pool(cfg, d["ev"])
     assert len(attack) == len(env) == 42 and not set(attack) & set(env)
     assert all(len(t) <= cfg.tiny_prompt_chars + cfg.tiny_gt_chars for t in attack + env)
     seen = set(d["forget"]) | set(d["retain"]) | set(d["ev"]["privleak_holdout"])
     assert not any(t[200:300] in u for t in attack + env for u in seen)   # (the start can be boilerplate)
-    rl = run_muse.relearn_sets(cfg, runlib.train_tokenizer([], merges=False), d["ev"], d["forget"])
+    rl = muse_relearn.relearn_sets(cfg, runlib.train_tokenizer([], merges=False), d["ev"], d["forget"])
     assert rl["attack_texts"] == attack[:len(rl["split"]["attack"])]
 
 
@@ -149,10 +150,10 @@ def test_a_text_environment_trains_every_token():
 
 
 def test_share_back_by_hand():
-    assert run_muse.share_back(88.0, 20.0, 29.0) == pytest.approx(9 / 68)     # a third of the way is 42.7
-    assert run_muse.share_back(88.0, 20.0, 20.0) == 0.0
-    assert run_muse.share_back(45.0, 20.0, 15.0) == pytest.approx(-0.2)
-    assert run_muse.share_back(30.0, 30.0, 35.0) == 0.0                         # nothing was forgotten
+    assert muse_relearn.share_back(88.0, 20.0, 29.0) == pytest.approx(9 / 68)     # a third of the way is 42.7
+    assert muse_relearn.share_back(88.0, 20.0, 20.0) == 0.0
+    assert muse_relearn.share_back(45.0, 20.0, 15.0) == pytest.approx(-0.2)
+    assert muse_relearn.share_back(30.0, 30.0, 35.0) == 0.0                         # nothing was forgotten
 
 
 def test_checkpoints_are_the_quartiles():
@@ -217,7 +218,7 @@ def test_the_stop_rule_ends_on_the_step_nearer_the_threshold(monkeypatch, readin
     cfg = runlib.parse_config(run_muse.Config, ["--relearn", "--stop-verbmem", "30", "--stop-tolerance", str(tolerance)])
     it = iter(readings)
     monkeypatch.setattr(ilu, "verbmem", lambda *a, **k: next(it))
-    stop = run_muse.HeldOutStop(model, None, {"held": []}, cfg)
+    stop = muse_relearn.HeldOutStop(model, None, {"held": []}, cfg)
     for step in range(1, len(readings) + 1):
         with torch.no_grad():
             model.lm_head.weight.fill_(float(step))                     # "step" leaves its mark on the weights
