@@ -202,7 +202,7 @@ def relearn_table(results: runlib.Results, label: str) -> str:
             "(target − unlearned).\n\n" + runlib.markdown_table(head, rows) + "\n")
 
 
-def check_relearn(cfg, explicit: set):
+def check_relearn(cfg):
     """--relearn's options (one line, exit 2); with --relearn, no other fine-tuning unless --finetune-on is given."""
     if cfg.relearn_on not in ("forget", "holdout"):
         raise ilu.ILUError(f"unknown --relearn-on '{cfg.relearn_on}': forget or holdout")
@@ -214,5 +214,5 @@ def check_relearn(cfg, explicit: set):
         raise ilu.ILUError(f"--relearn-share must be between 0 and 1 (got {cfg.relearn_share})")
     if cfg.relearn_steps < 0 or cfg.relearn_samples < 0 or cfg.relearn_epochs <= 0 or cfg.relearn_lr <= 0:
         raise ilu.ILUError("--relearn-steps and --relearn-samples must be >= 0, --relearn-epochs and --relearn-lr positive")
-    if cfg.relearn and "finetune_on" not in explicit:
+    if cfg.relearn and "finetune_on" not in getattr(cfg, "given", set()):
         cfg.finetune_on = []

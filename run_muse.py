@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,13 +381,12 @@ def main():
         raise ilu.ILUError("--tiny and --small are two recipes: choose one")
     if (cfg.tiny or cfg.small) and cfg.corpus != "news":
         raise ilu.ILUError(f"--{'tiny' if cfg.tiny else 'small'} is built from MUSE-News: use --corpus news")
-    explicit = runlib.explicit_flags(sys.argv[1:])
-    cfg = runlib.resolve(cfg, explicit, SMALL if cfg.small else TINY,
+    cfg = runlib.resolve(cfg, SMALL if cfg.small else TINY,
                          positive=("tiny_passages", "tiny_steps", "small_epochs", "relearn_batch"), text_envs=("news",))
     if "news" in cfg.ilu_env and not runlib.scaled(cfg):
         raise ilu.ILUError("--ilu-env news is cut from the MUSE holdout texts that PrivLeak reads at full scale: use it with "
                            "--small or --tiny")
-    muse_relearn.check_relearn(cfg, explicit)
+    muse_relearn.check_relearn(cfg)
     results = runlib.start_run(cfg, extra_free=() if cfg.relearn else RELEARN_KEYS + ("stop_verbmem", "stop_tolerance"))
 
     model, tok, ev, forget, retain, tasks = runlib.setup(cfg, setup_full, setup_small if cfg.small else setup_tiny)

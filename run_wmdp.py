@@ -18,7 +18,6 @@ tutorial-scale stand-in for the pipeline, not a reproduction of the paper's numb
 from __future__ import annotations
 
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,7 +300,7 @@ def main():
     cfg = runlib.parse_config(Config, description=__doc__)
     if cfg.report:
         return report(cfg)
-    cfg = runlib.resolve(cfg, runlib.explicit_flags(sys.argv[1:]), TINY, positive=("tiny_questions", "tiny_steps"))
+    cfg = runlib.resolve(cfg, TINY, positive=("tiny_questions", "tiny_steps"))
     results = runlib.start_run(cfg)
 
     model, tok, qs, forget_texts, retain_texts, tasks = runlib.setup(cfg, setup_full, setup_tiny)

@@ -72,21 +72,30 @@ def fail(message: str):
 
 
 def parse_config(cls, argv=None, description: str = ""):
-    """A dataclass instance from the command line; each field's metadata["help"] is its --help text."""
+    """A dataclass instance from the command line; each field's metadata["help"] is its --help text.
+    cfg.given: the fields the command line set (the recipes of resolve() fill only the others)."""
+    cfg = cls(**vars(_config_parser(cls, description).parse_args(argv)))
+    cfg.given = set(vars(_config_parser(cls, description, given_only=True).parse_args(argv)))
+    return cfg
+
+
+def _config_parser(cls, description: str, given_only: bool = False) -> argparse.ArgumentParser:
+    """The parser of a config dataclass; given_only: no defaults, so that parsing returns what was given."""
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
         kind = f.metadata.get("type", type(default) if default is not None else str)
-        if isinstance(default, bool):
+        shown, default = default, argparse.SUPPRESS if given_only else default
+        if isinstance(shown, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
-        elif isinstance(default, list):
+        elif isinstance(shown, list):
             parser.add_argument(flag, nargs="+", default=default, metavar=f.name.upper(),
-                                help=f"{help_} (default: {' '.join(map(str, default))})")
+                                help=f"{help_} (default: {' '.join(map(str, shown))})")
         else:
             parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
-                                help=f"{help_} (default: {default})")
-    return cls(**vars(parser.parse_args(argv)))
+                                help=f"{help_} (default: {shown})")
+    return parser
 
 
 class Terminated(Exception):
@@ -228,14 +237,11 @@ class CommonConfig:
                      default_factory=list)
 
 
-def explicit_flags(argv) -> set:
-    """Config fields named on the command line (their defaults are not replaced)."""
-    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-
-
-def resolve(cfg, explicit: set, tiny_defaults: dict, positive=(), text_envs=()):
-    """Validate the shared options (one line, exit 2) and fill method and --tiny defaults in place.
+def resolve(cfg, tiny_defaults: dict, positive=(), text_envs=()):
+    """Validate the shared options (one line, exit 2) and fill method and --tiny defaults in place, for the
+    fields the command line did not set (cfg.given, from parse_config).
     text_envs: a runner's own ILU environments of raw text, beside the tasks (env_data's texts)."""
+    explicit = getattr(cfg, "given", set())
     if cfg.method not in ilu.METHODS:
         raise ilu.ILUError(f"unknown method '{cfg.method}': choose one of {', '.join(ilu.METHODS)}")
     envs = [] if cfg.ilu_env == ["none"] else cfg.ilu_env

@@ -129,7 +129,8 @@ class Setting:
     def config(self, method, **fields):
         """The runner's resolved --tiny config, with this setting's target fields and the given ones."""
         c = self.runner.Config(tiny=True, method=method, data_dir=self.data_dir, **self.target)
-        c = runlib.resolve(c, set(fields), self.runner.TINY)
+        c.given = set(fields)                             # as if given on the command line: the recipe leaves them
+        c = runlib.resolve(c, self.runner.TINY)
         for k, v in fields.items():
             setattr(c, k, v)
         return c

@@ -73,7 +73,7 @@ def test_a_text_holding_a_held_out_passage_never_joins_the_attack():
 def small_config(extra=()):
     argv = ["--small", "--data-dir", DATA, "--method", "npo", "--ilu-env", "none", "--relearn", *extra]
     cfg = runlib.parse_config(run_muse.Config, argv)
-    return runlib.resolve(cfg, runlib.explicit_flags(argv), run_muse.SMALL)
+    return runlib.resolve(cfg, run_muse.SMALL)
 
 
 @needs_data
@@ -244,7 +244,7 @@ def test_the_tiny_never_saw_control_learns_no_forget_text(monkeypatch, tmp_path)
     monkeypatch.setattr(runlib, "tiny_target", spy)
     argv = ["--tiny", "--data-dir", DATA, "--relearn", "--tiny-passages", "4", "--tiny-general", "8",
             "--finetune-on", "sst2", "--ilu-env", "none", "--cache-dir", str(tmp_path)]
-    cfg = runlib.resolve(runlib.parse_config(run_muse.Config, argv), runlib.explicit_flags(argv), run_muse.TINY)
+    cfg = runlib.resolve(runlib.parse_config(run_muse.Config, argv), run_muse.TINY)
     model, tok, ev, forget, retain = run_muse.setup_tiny(cfg, ["sst2"])
     (target_texts, target_tok), (never_texts, never_tok) = trained
     assert target_tok is None and never_tok is not None

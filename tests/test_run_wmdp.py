@@ -95,7 +95,7 @@ def test_bad_input_one_line_exit_2_results_untouched(args, message, tmp_path):
         import run_wmdp
         import runlib
 
-        cfg = runlib.resolve(runlib.parse_config(run_wmdp.Config, args + ["--out", str(out)]), set(), run_wmdp.TINY)
+        cfg = runlib.resolve(runlib.parse_config(run_wmdp.Config, args + ["--out", str(out)]), run_wmdp.TINY)
         config = dataclasses.asdict(cfg)
     earlier = json.dumps({"config": config, "stages": {"original": {"fq": 0.5}}, "summary": {}})
     (out / "results.json").write_text(earlier)
@@ -165,3 +165,20 @@ def test_pinned_kernels_match_torch_and_mkl_told_by_the_environment():
     assert pinned[1] == told[1]
     if native[0] != "AVX2":       # an AVX-512 CPU: the pin changes the arithmetic (so the match above is no accident)
         assert native[1] != pinned[1]
+
+
+def test_recipe_fills_only_what_the_command_line_left():
+    """Each default in one place: the parser itself records the flags given (abbreviated, --flag=value and
+    --no- forms too), and the --tiny recipe and the method's table fill only the others."""
+    sys.path.insert(0, ROOT)
+    import run_wmdp
+    import runlib
+
+    cfg = runlib.parse_config(run_wmdp.Config, ["--tiny", "--finetune-st", "3", "--lr=0.002", "--no-task-vectors"])
+    assert cfg.given == {"tiny", "finetune_steps", "lr", "task_vectors"}
+    cfg = runlib.resolve(cfg, run_wmdp.TINY)
+    assert (cfg.finetune_steps, cfg.lr, cfg.task_vectors) == (3, 0.002, False)          # given: kept
+    assert (cfg.steps, cfg.finetune_batch, cfg.relearn_batch) == (60, 8, 8)             # the recipe's
+    assert (cfg.grad_accum, cfg.batch_size) == (1, 8)                                   # the recipe over the method's
+    plain = runlib.resolve(runlib.parse_config(run_wmdp.Config, ["--method", "rmu"]), run_wmdp.TINY)
+    assert (plain.lr, plain.batch_size, plain.steps) == (5e-5, 4, 150)                  # RMU's table, the flag's steps
