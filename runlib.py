@@ -607,6 +607,29 @@ class Results:
         write_atomic(self.path, json.dumps(self.data, indent=1))
 
 
+def figures(x, prefix: str = "", skip=("time_s", "borrowed_from", "ms")):
+    """Every number in a results tree as (path, value), timings and provenance aside: what a rerun must
+    reproduce (benchmarks/real_study.py and code_study.py --compare)."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            if k not in skip:
+                yield from figures(v, f"{prefix}/{k}", skip)
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from figures(v, f"{prefix}[{i}]", skip)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield prefix, x
+
+
+def compare_figures(ours: dict, theirs: dict, name: str) -> tuple[int, int]:
+    """Print how many of a run's figures equal a reference's, with the first that differs; (same, total)."""
+    a, b = dict(figures(ours)), dict(figures(theirs))
+    differ = [k for k in a if a[k] != b.get(k)]
+    print(f"{name}: {len(a) - len(differ)} of {len(a)} figures identical"
+          + (f" (first differing: {differ[0]}: {a[differ[0]]} vs {b.get(differ[0])})" if differ else ""))
+    return len(a) - len(differ), len(a)
+
+
 def write_atomic(path: Path, text: str):
     """Write text to path through a temporary file and a rename (rank 0 only under torchrun)."""
     if not scale.is_main():

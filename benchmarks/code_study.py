@@ -350,10 +350,22 @@ def main():
                     "(gsm8k: ILU's environment; default: %(default)s)")
     ap.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="ILU's lambda (the paper's range: 0.1-2)")
     ap.add_argument("--report", action="store_true", help="only print the tables from the saved runs")
+    ap.add_argument("--compare", metavar="FILE", help="then count each saved seed's figures identical to FILE's "
+                    "(benchmarks/code_study_reference.json); exit 1 unless all are")
+    ap.add_argument("--save-reference", metavar="FILE", help="then write the saved seeds' stages to FILE (what "
+                    "--compare reads), beside the seeds FILE already holds")
     args = ap.parse_args()
     out = Path(args.out)
-    if args.report:
-        return print(report(out, args.seeds))
+    if not args.report:
+        run_seeds(args, out)
+    print(report(out, args.seeds))
+    if args.save_reference:
+        save_reference(out, args.seeds, Path(args.save_reference))
+    if args.compare:
+        sys.exit(compare(out, args.seeds, Path(args.compare)))
+
+
+def run_seeds(args, out: Path):
     runlib.check_data_dir(args.data_dir)
     kernels = runlib.pin_cpu_kernels("avx2")      # the same bits on any x86-64 CPU (docs/reproducibility.md)
     print(f"CPU kernels: {kernels}, {torch.get_num_threads()} threads")
@@ -365,7 +377,34 @@ def main():
         run = Seed(cfg, seed, model, tok, load_data(cfg, args.data_dir, tok, seed), out)
         run.results.data["cpu"] = runlib.machine(kernels)
         run.run()
-    print(report(out, args.seeds))
+
+
+def saved(out: Path, seeds: list[int]) -> dict:
+    """{"seed0": stages, ...} of the seeds saved under out."""
+    return {f"seed{s}": json.loads((out / f"seed{s}" / "results.json").read_text())["stages"] for s in seeds
+            if (out / f"seed{s}" / "results.json").exists()}
+
+
+def save_reference(out: Path, seeds: list[int], path: Path):
+    ref = json.loads(path.read_text()) if path.exists() else {}
+    ref.update(saved(out, seeds))
+    path.write_text(json.dumps(ref, indent=1) + "\n")
+    print(f"reference: {', '.join(sorted(ref))} in {path}")
+
+
+def compare(out: Path, seeds: list[int], path: Path) -> int:
+    """Count every saved stage's figures identical to the reference's same seed and stage (timings aside);
+    0 when all are."""
+    if not path.is_file():
+        raise ilu.ILUError(f"--compare: no file {path}")
+    ref, same, total = json.loads(path.read_text()), 0, 0
+    for seed, stages in saved(out, seeds).items():
+        for name, entry in stages.items():
+            if name in ref.get(seed, {}):
+                s, t = runlib.compare_figures(entry, ref[seed][name], f"{seed} {name}")
+                same, total = same + s, total + t
+    print(f"in all: {same} of {total} figures identical")
+    return 0 if total and same == total else 1
 
 
 if __name__ == "__main__":

@@ -366,27 +366,12 @@ def collect(where: Path) -> dict:
 def compare(out: Path, other: Path) -> int:
     """Count the figures of every finished run in `out` identical to the same run in `other` (a study
     folder or a reference file), timings aside; 0 when every one is."""
-    def leaves(x, prefix=""):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                if k not in ("time_s", "borrowed_from", "ms"):
-                    yield from leaves(v, f"{prefix}/{k}")
-        elif isinstance(x, list):
-            for i, v in enumerate(x):
-                yield from leaves(v, f"{prefix}[{i}]")
-        elif isinstance(x, (int, float)) and not isinstance(x, bool):
-            yield prefix, x
-
     same = total = 0
     theirs = collect(other)
     for name, stages in collect(out).items():
-        if name not in theirs:
-            continue
-        a, b = dict(leaves(stages)), dict(leaves(theirs[name]))
-        differ = [k for k in a if a[k] != b.get(k)]
-        same, total = same + len(a) - len(differ), total + len(a)
-        print(f"{name}: {len(a) - len(differ)} of {len(a)} figures identical"
-              + (f" (first differing: {differ[0]}: {a[differ[0]]} vs {b.get(differ[0])})" if differ else ""))
+        if name in theirs:
+            s, t = runlib.compare_figures(stages, theirs[name], name)
+            same, total = same + s, total + t
     print(f"in all: {same} of {total} figures identical")
     return 0 if total and same == total else 1
 

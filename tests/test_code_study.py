@@ -146,3 +146,10 @@ def test_micro_run_of_the_study_plumbing_and_resume(tmp_path):
     text = code_study.report(tmp_path, [0])
     assert "gsm8k (ILU's environment)" in text and "sst2 (never seen by ILU)" in text and "NPO - ILU" in text
     assert "T (the relearning attack" in text
+    ref = tmp_path / "reference.json"                                      # a rerun checked figure by figure
+    code_study.save_reference(tmp_path, [0], ref)
+    assert code_study.compare(tmp_path, [0], ref) == 0
+    data = json.loads(ref.read_text())
+    data["seed0"]["pretrained"]["v_nll"] += 1e-9
+    ref.write_text(json.dumps(data))
+    assert code_study.compare(tmp_path, [0], ref) == 1
