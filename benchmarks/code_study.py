@@ -155,7 +155,7 @@ class Seed:
     def __init__(self, cfg: dict, seed: int, model, tok, data: dict, out: Path):
         self.cfg, self.seed, self.model, self.tok, self.data = cfg, seed, model, tok, data
         self.out = out / f"seed{seed}"
-        self.results = runlib.Results(self.out, dict(cfg, seed=seed), [k for k in cfg if k != "report"])
+        self.results = runlib.Results(self.out, dict(cfg, seed=seed), [k for k in cfg if k != "unlearn_only"])
         self.T, self.V = split_modules(data["chunks"], seed, cfg["share"])
         # the probes: one chunk of each module (the probe_chunk-th), read at every checkpoint and by the stop rule;
         # the whole sets are read before and after unlearning (v_nll_all, t_nll_all)
@@ -231,7 +231,7 @@ class Seed:
     def run(self) -> dict:
         theta_o = ilu.state_of(self.model)
         pre = self.stage("pretrained", lambda: self.metrics(True))
-        attacks = [*self.data["tasks"], "T"]
+        attacks = [] if self.cfg.get("unlearn_only") else [*self.data["tasks"], "T"]
         for t in attacks:
             self.stage(f"control/{t}", lambda t=t: self.attack(t, theta_o, theta_o))
         for variant in VARIANTS:
@@ -349,6 +349,8 @@ def main():
     ap.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=TASKS, help="the fine-tuning attacks "
                     "(gsm8k: ILU's environment; default: %(default)s)")
     ap.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="ILU's lambda (the paper's range: 0.1-2)")
+    ap.add_argument("--unlearn-only", action="store_true", help="stop after the unlearning, no attacks (a lambda "
+                    "sweep: does the penalty change what is unlearned?); the same command without it resumes")
     ap.add_argument("--report", action="store_true", help="only print the tables from the saved runs")
     ap.add_argument("--compare", metavar="FILE", help="then count each saved seed's figures identical to FILE's "
                     "(benchmarks/code_study_reference.json); exit 1 unless all are")
@@ -369,7 +371,7 @@ def run_seeds(args, out: Path):
     runlib.check_data_dir(args.data_dir)
     kernels = runlib.pin_cpu_kernels("avx2")      # the same bits on any x86-64 CPU (docs/reproducibility.md)
     print(f"CPU kernels: {kernels}, {torch.get_num_threads()} threads")
-    cfg = dict(DEFAULTS, tasks=args.tasks, lam=args.lam)
+    cfg = dict(DEFAULTS, tasks=args.tasks, lam=args.lam, unlearn_only=args.unlearn_only)
     path = runlib.model_path("smollm2-135m", args.cache_dir)
     for seed in args.seeds:
         torch.manual_seed(seed)

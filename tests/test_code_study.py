@@ -109,7 +109,8 @@ def test_gradient_norms_match_autograd_on_the_losses():
     assert got["grad_unlearn"] == pytest.approx(grad_norm(npo), rel=1e-6) and got["grad_unlearn"] > 0
 
 
-def test_micro_run_of_the_study_plumbing_and_resume(tmp_path):
+def _micro():
+    """A tiny tokenizer, the study's data made of synthetic text, and a config sized for it."""
     tok = _tok()
     chunks = [dict(module=f"m{m}", chunk=c, text=" ".join(WORDS[(m + c + j) % len(WORDS)] for j in range(60)))
               for m in range(6) for c in range(2)]
@@ -123,6 +124,11 @@ def test_micro_run_of_the_study_plumbing_and_resume(tmp_path):
     cfg = dict(code_study.DEFAULTS, tasks=["gsm8k", "sst2"], probe_chunk=1, nll_tokens=16, mem_prefix=8, mem_new=4, depth=0.05,
                max_steps=3, grad_accum=1, batch_size=2, lr=5e-3, env_batch_size=4, ft_steps=2, ft_batch=4,
                ft_lr=5e-3, checkpoints=[1, 2], max_length=32)
+    return tok, data, cfg
+
+
+def test_micro_run_of_the_study_plumbing_and_resume(tmp_path):
+    tok, data, cfg = _micro()
     model = model_for(tok, layers=2, seed=0)
     stages = code_study.Seed(cfg, 0, model, tok, data, tmp_path).run()
     expected = {"pretrained", "control/gsm8k", "control/sst2", "control/T",
@@ -153,3 +159,11 @@ def test_micro_run_of_the_study_plumbing_and_resume(tmp_path):
     data["seed0"]["pretrained"]["v_nll"] += 1e-9
     ref.write_text(json.dumps(data))
     assert code_study.compare(tmp_path, [0], ref) == 1
+
+
+def test_unlearn_only_then_the_whole_study_resumes(tmp_path):
+    tok, data, cfg = _micro()
+    first = code_study.Seed(dict(cfg, unlearn_only=True), 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path).run()
+    assert set(first) == {"pretrained", *(f"{v}/unlearned" for v in code_study.VARIANTS)}
+    whole = code_study.Seed(cfg, 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path).run()
+    assert {k: whole[k] for k in first} == first and "NPO/finetune/T" in whole and "control/sst2" in whole
