@@ -154,7 +154,7 @@ class Seed:
 
     def __init__(self, cfg: dict, seed: int, model, tok, data: dict, out: Path):
         self.cfg, self.seed, self.model, self.tok, self.data = cfg, seed, model, tok, data
-        self.out = out / f"seed{seed}"
+        self.out, self.theta_o = out / f"seed{seed}", ilu.state_of(model)       # the pretrained weights
         self.results = runlib.Results(self.out, dict(cfg, seed=seed), [k for k in cfg if k != "unlearn_only"])
         self.T, self.V = split_modules(data["chunks"], seed, cfg["share"])
         # the probes: one chunk of each module (the probe_chunk-th), read at every checkpoint and by the stop rule;
@@ -205,10 +205,11 @@ class Seed:
         cos_back = None if state is theta_o else ilu.cosine(ilu.task_vector(after, state), ilu.task_vector(state, theta_o))
         return dict(curve=curve, accuracy=acc, cos_back=cos_back)
 
-    def unlearn(self, variant: str, target: float) -> dict:
+    def unlearn(self, variant: str, target: float, lam: float | None = None) -> dict:
         """NPO (or NPO + ILU) on T, the retain news as retain set, until V's code NLL reaches `target` (matched
-        forgetting: the same depth for both, checked after every step; at most max_steps, the lr schedule's)."""
-        c, tok = self.cfg, self.tok
+        forgetting: the same depth for both, checked after every step; at most max_steps, the lr schedule's).
+        lam: ILU's lambda, when not the config's (the sweep)."""
+        c, tok = dict(self.cfg, lam=self.cfg["lam"] if lam is None else lam), self.tok
         forget = ilu.encode_texts(tok, [x["text"] for x in self.T], max_length=c["nll_tokens"])
         retain = ilu.encode_texts(tok, self.data["retain"], max_length=c["max_length"])
         envs = {"gsm8k": self.data["env"]} if VARIANTS[variant].get("envs") else {}
@@ -229,7 +230,7 @@ class Seed:
         return dict(history=history, stop_checks=checks, grad_before=before, grad_after=after, **self.metrics(True))
 
     def run(self) -> dict:
-        theta_o = ilu.state_of(self.model)
+        theta_o = self.theta_o
         pre = self.stage("pretrained", lambda: self.metrics(True))
         attacks = [] if self.cfg.get("unlearn_only") else [*self.data["tasks"], "T"]
         for t in attacks:
@@ -252,6 +253,27 @@ class Seed:
                 self.stage(f"{variant}/finetune/{t}", attacked)
         return self.results.data["stages"]
 
+    def sweep(self, lams: list[float]) -> dict:
+        """Item 6 of #37, does the penalty act? NPO + ILU(GSM8K) unlearned at each lambda to the same depth,
+        stage "lambda X/unlearned", with the cosine of its unlearning update to NPO's (1: the penalty changed
+        nothing of what is unlearned). Needs the NPO stage (run the study, or --unlearn-only, first)."""
+        theta_o = self.theta_o
+        runlib.restore(self.model, theta_o)
+        pre = self.stage("pretrained", lambda: self.metrics(True))
+        npo_path = self.out / "NPO" / "unlearned.pt"
+        if not npo_path.exists():
+            raise ilu.ILUError(f"--lam-sweep compares with NPO's unlearning, and {npo_path} is missing: run the study "
+                               "for this seed first (--unlearn-only is enough)")
+        tau_npo = ilu.task_vector(torch.load(npo_path), theta_o)
+        for lam in lams:
+            def swept(lam=lam):
+                runlib.restore(self.model, theta_o)
+                e = self.unlearn("NPO + ILU(GSM8K)", pre["v_nll"] + self.cfg["depth"], lam)
+                tau = ilu.task_vector(ilu.state_of(self.model), theta_o)
+                return dict(e, lam=lam, cos_npo=ilu.cosine(tau, tau_npo), norm_ratio=ilu.norm(tau) / ilu.norm(tau_npo))
+            self.stage(f"lambda {lam:g}/unlearned", swept)
+        return self.results.data["stages"]
+
 
 def summary(entry: dict) -> str:
     """One line for a finished stage: its time and headline figures (everything is in results.json)."""
@@ -264,6 +286,8 @@ def summary(entry: dict) -> str:
         parts.append("V NLL " + " / ".join(f"{p['v_nll']:.3f}" for p in entry["curve"]))
     if entry.get("share_back"):
         parts.append("share back " + " / ".join(f"{x:+.2f}" for x in entry["share_back"]))
+    if "cos_npo" in entry:
+        parts.append(f"cos to NPO's update {entry['cos_npo']:.4f}, norm ratio {entry['norm_ratio']:.3f}")
     if entry.get("accuracy") is not None:
         parts.append(f"accuracy {entry['accuracy']:.3f}")
     return ", ".join(parts)
@@ -306,6 +330,15 @@ def report(out: Path, seeds: list[int]) -> str:
                     row.append(f"{when[5:]}: penalty {ms_([x['penalty'] for x in g], 4)}, |grad| unlearn "
                                f"{ms_([x['grad_unlearn'] for x in g], 2)} / penalty {ms_([x['grad_penalty'] for x in g], 4)}")
             lines.append(f"{who}: " + ", ".join(row))
+    swept = sorted({k for s in seeds for k in runs[s] if k.startswith("lambda ")}, key=lambda k: float(k.split()[1].split("/")[0]))
+    for name in swept:                                      # the lambda sweep (item 6): NPO + ILU at other lambdas
+        e = [runs[s][name] for s in seeds if name in runs[s]]
+        lines.append(f"NPO + ILU(GSM8K), {name} ({len(e)} seed{'s' if len(e) > 1 else ''}): "
+                     f"steps {ms_([len(x['history']) for x in e], 1)}, "
+                     + ", ".join(f"{k} {ms_([x[k] for x in e])}" for k in keys)
+                     + f", cos to NPO's update {ms_([x['cos_npo'] for x in e], 4)}, |update| / NPO's "
+                     f"{ms_([x['norm_ratio'] for x in e])}, penalty before/after {ms_([x['grad_before']['penalty'] for x in e], 4)}"
+                     f" / {ms_([x['grad_after']['penalty'] for x in e], 4)}")
     lines.append("")
     for t in tasks:
         if not all(f"{v}/finetune/{t}" in runs[s] for v in VARIANTS for s in seeds):
@@ -351,6 +384,8 @@ def main():
     ap.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="ILU's lambda (the paper's range: 0.1-2)")
     ap.add_argument("--unlearn-only", action="store_true", help="stop after the unlearning, no attacks (a lambda "
                     "sweep: does the penalty change what is unlearned?); the same command without it resumes")
+    ap.add_argument("--lam-sweep", nargs="+", type=float, default=[], metavar="LAMBDA", help="then unlearn NPO + "
+                    "ILU(GSM8K) again at each of these lambdas to the same depth (the NPO stage must be saved)")
     ap.add_argument("--report", action="store_true", help="only print the tables from the saved runs")
     ap.add_argument("--compare", metavar="FILE", help="then count each saved seed's figures identical to FILE's "
                     "(benchmarks/code_study_reference.json); exit 1 unless all are")
@@ -378,7 +413,10 @@ def run_seeds(args, out: Path):
         model, tok = ilu.load_model(path, "float32", "cpu")
         run = Seed(cfg, seed, model, tok, load_data(cfg, args.data_dir, tok, seed), out)
         run.results.data["cpu"] = runlib.machine(kernels)
-        run.run()
+        if not args.lam_sweep or not run.results.done("NPO/unlearned"):
+            run.run()
+        if args.lam_sweep:
+            run.sweep(args.lam_sweep)
 
 
 def saved(out: Path, seeds: list[int]) -> dict:

@@ -167,3 +167,20 @@ def test_unlearn_only_then_the_whole_study_resumes(tmp_path):
     assert set(first) == {"pretrained", *(f"{v}/unlearned" for v in code_study.VARIANTS)}
     whole = code_study.Seed(cfg, 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path).run()
     assert {k: whole[k] for k in first} == first and "NPO/finetune/T" in whole and "control/sst2" in whole
+
+
+def test_lambda_sweep_matches_the_depth_and_compares_with_npo(tmp_path):
+    tok, data, cfg = _micro()
+    run = code_study.Seed(dict(cfg, unlearn_only=True), 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path)
+    with pytest.raises(ilu.ILUError, match="run the study for this seed first"):
+        run.sweep([10.0])
+    run.run()
+    stages = run.sweep([1.0, 10.0])
+    one, base = stages["lambda 1/unlearned"], stages["NPO + ILU(GSM8K)/unlearned"]
+    untimed = lambda h: [{k: v for k, v in x.items() if k != "ms"} for x in h]  # noqa: E731
+    assert untimed(one["history"]) == untimed(base["history"]) and one["v_nll"] == base["v_nll"]   # the study's run
+    ten = stages["lambda 10/unlearned"]
+    assert ten["lam"] == 10.0 and -1 <= ten["cos_npo"] <= 1 and ten["norm_ratio"] > 0
+    assert ten["history"][0]["irm"] == one["history"][0]["irm"]               # the same start, then lambda acts
+    assert ten["v_nll"] != one["v_nll"] and ten["cos_npo"] < one["cos_npo"]
+    assert "lambda 10/unlearned" in code_study.report(tmp_path, [0])
