@@ -116,8 +116,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def ms_(values: list[float], d: int = 3) -> str:
+    """mean ± std over seeds; one seed: its value alone."""
     m, s = mean_std(values)
-    return f"{m:.{d}f} ± {s:.{d}f}"
+    return f"{m:.{d}f} ± {s:.{d}f}" if len(values) > 1 else f"{m:.{d}f}"
 
 
 def relearns(shares: list[float], control: list[float]) -> bool:
@@ -353,9 +354,11 @@ def report(out: Path, seeds: list[int]) -> str:
             for v in VARIANTS:
                 col = [sh[i] for sh in shares[v]]
                 m, sd = mean_std(col)
-                row.append(f"{v} {m:+.2f} ± {sd:.2f}{' RELEARNS' if judged and relearns(col, control[i]) else ''}")
+                spread = f" ± {sd:.2f}" if judged else ""
+                row.append(f"{v} {m:+.2f}{spread}{' RELEARNS' if judged and relearns(col, control[i]) else ''}")
             g = holds_back([sh[i] for sh in shares["NPO"]], [sh[i] for sh in shares["NPO + ILU(GSM8K)"]])
-            row.append(f"NPO - ILU {g[0]:+.2f} ± {g[1]:.2f}{' (ILU holds back)' if judged and g[2] else ''}")
+            spread = f" ± {g[1]:.2f}" if judged else ""
+            row.append(f"NPO - ILU {g[0]:+.2f}{spread}{' (ILU holds back)' if judged and g[2] else ''}")
             lines.append(" | ".join(row))
         for v in VARIANTS:
             e = [runs[s][f"{v}/finetune/{t}"] for s in seeds]
