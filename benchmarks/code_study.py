@@ -42,6 +42,7 @@ import ilu  # noqa: E402
 import runlib  # noqa: E402
 
 TASKS = ["gsm8k", "sst2", "agnews", "winogrande"]     # GSM8K: ILU's environment; the others: never seen by ILU
+METRICS = ("v_nll", "t_nll", "v_nll_all", "t_nll_all", "v_mem", "news_nll", "wiki_nll")   # a model's figures
 DEFAULT_TASKS = ["gsm8k", "sst2", "agnews"]           # two never seen by ILU; --tasks adds winogrande
 VARIANTS = {"NPO": {}, "NPO + ILU(GSM8K)": {"envs": ["gsm8k"]}}
 DEFAULTS = dict(  # #37's hand trial: NPO 20 x 4 at lr 5e-5 raised V's NLL ~0.5 nats; GSM8K 40 x 4 at 2e-5
@@ -164,6 +165,10 @@ class Seed:
         if not self.Tp or not self.Vp:
             raise ilu.ILUError(f"no chunk {cfg['probe_chunk']} in T or V: choose a probe_chunk the modules have")
 
+    def unlearned_path(self, variant: str) -> Path:
+        """Where a variant's unlearned weights are saved (the attacks and the lambda sweep read them)."""
+        return self.out / variant.replace(" ", "").replace("+", "_") / "unlearned.pt"
+
     def metrics(self, full: bool = False) -> dict:
         c, m, tok = self.cfg, self.model, self.tok
         out = dict(v_nll=code_nll(m, tok, self.Vp, c["nll_tokens"]), t_nll=code_nll(m, tok, self.Tp, c["nll_tokens"]))
@@ -237,7 +242,7 @@ class Seed:
         for t in attacks:
             self.stage(f"control/{t}", lambda t=t: self.attack(t, theta_o, theta_o))
         for variant in VARIANTS:
-            path = self.out / variant.replace(" ", "").replace("+", "_") / "unlearned.pt"
+            path = self.unlearned_path(variant)
             if not self.results.done(f"{variant}/unlearned") or not path.exists():
                 runlib.restore(self.model, theta_o)
                 start = time.perf_counter()
@@ -261,7 +266,7 @@ class Seed:
         theta_o = self.theta_o
         runlib.restore(self.model, theta_o)
         pre = self.stage("pretrained", lambda: self.metrics(True))
-        npo_path = self.out / "NPO" / "unlearned.pt"
+        npo_path = self.unlearned_path("NPO")
         if not npo_path.exists():
             raise ilu.ILUError(f"--lam-sweep compares with NPO's unlearning, and {npo_path} is missing: run the study "
                                "for this seed first (--unlearn-only is enough)")
@@ -279,8 +284,7 @@ class Seed:
 def summary(entry: dict) -> str:
     """One line for a finished stage: its time and headline figures (everything is in results.json)."""
     parts = [f"{entry.get('time_s', 0):.0f} s"]
-    parts += [f"{k} {entry[k]:.3f}" for k in ("v_nll", "t_nll", "v_nll_all", "t_nll_all", "v_mem", "news_nll", "wiki_nll")
-              if k in entry]
+    parts += [f"{k} {entry[k]:.3f}" for k in METRICS if k in entry]
     if "history" in entry:
         parts.append(f"{len(entry['history'])} steps")
     if entry.get("curve"):
@@ -320,7 +324,7 @@ def report(out: Path, seeds: list[int]) -> str:
     judged = len(seeds) > 1                                  # the criterion needs a seed spread
     lines = [f"seeds {seeds}; criterion: share back on V >= 1/3, > 2 std, > control; ILU holds back: "
              f"NPO - ILU paired by seed > 0 and > 2 std" + ("" if judged else " (one seed: no verdict)"), ""]
-    keys = ("v_nll", "t_nll", "v_nll_all", "t_nll_all", "v_mem", "news_nll", "wiki_nll")
+    keys = METRICS
     for who in ("pretrained", *(f"{v}/unlearned" for v in VARIANTS)):
         if all(who in runs[s] for s in seeds):
             row = [f"{k} {mean_std([runs[s][who][k] for s in seeds])[0]:.3f}" for k in keys]
