@@ -371,10 +371,12 @@ def borrow_control(cfg: Config, results: runlib.Results, tasks: list[str]):
 
 # -- main --------------------------------------------------------------------------------------------
 
-def main():
-    cfg = runlib.parse_config(Config, description=__doc__)
+def config(argv=None) -> Config:
+    """The run's configuration from the command line (or argv), checked, with the recipe's defaults filled in
+    (--report's is returned as given)."""
+    cfg = runlib.parse_config(Config, argv, description=__doc__)
     if cfg.report:
-        return report(cfg)
+        return cfg
     if cfg.corpus not in MUSE_TARGETS:
         raise ilu.ILUError(f"unknown corpus '{cfg.corpus}': news or books")
     if cfg.tiny and cfg.small:
@@ -387,6 +389,13 @@ def main():
         raise ilu.ILUError("--ilu-env news is cut from the MUSE holdout texts that PrivLeak reads at full scale: use it with "
                            "--small or --tiny")
     muse_relearn.check_relearn(cfg)
+    return cfg
+
+
+def main():
+    cfg = config()
+    if cfg.report:
+        return report(cfg)
     results = runlib.start_run(cfg, extra_free=() if cfg.relearn else RELEARN_KEYS + ("stop_verbmem", "stop_tolerance"))
 
     model, tok, ev, forget, retain, tasks = runlib.setup(cfg, setup_full, setup_small if cfg.small else setup_tiny)

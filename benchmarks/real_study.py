@@ -6,6 +6,10 @@
     python benchmarks/real_study.py --out runs/real_study --report            # tables from what is saved
     python benchmarks/real_study.py --data-dir ../shared/data --seeds 0 --out runs/rerun \
         --compare benchmarks/real_study_reference.json                     # a rerun, figure by figure
+    python benchmarks/real_study.py --data-dir ../shared/data --recipes relearn --seeds 0 --out runs/rerun \
+        --check benchmarks/real_study_reference.json                       # ... or within the seeds' spread
+    python benchmarks/real_study.py --data-dir ../shared/data --same-bits benchmarks/real_study_reference.json
+                                                                     # which of the two to expect here (seconds)
 
 Each recipe and seed is two `run_muse.py --small` runs: NPO (with the control: the target
 fine-tuned on each task the same way) and NPO + ILU(GSM8K), which borrows that control
@@ -32,10 +36,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ilu  # noqa: E402
 import runlib  # noqa: E402
 import muse_relearn  # noqa: E402
+import run_muse  # noqa: E402
 from run_muse import SMALL  # noqa: E402
 from tiny_study import ms, relearning  # noqa: E402
 
@@ -167,7 +174,11 @@ def matched_stop(npo: Path) -> list[str]:
 
 
 def load(out: Path, recipe: str, seeds: list[int]) -> dict:
-    """{variant: [stages per seed]} of the finished runs."""
+    """{variant: [stages per seed]} of the finished runs in a study folder, or in a reference file
+    (--save-reference's)."""
+    if out.is_file():
+        saved = collect(out)
+        return {v: [saved[k] for s in seeds if (k := str(folder(Path(), recipe, v, s))) in saved] for v in VARIANTS}
     runs = {}
     for variant in VARIANTS:
         paths = [folder(out, recipe, variant, s) for s in seeds]
@@ -355,6 +366,80 @@ def relearn_tables(name: str, runs: dict, seeds: list[int]) -> str:
     return text
 
 
+def relearn_figures(name: str, runs: dict) -> dict[str, list]:
+    """Every figure the relearning tables quote, one value per seed, keyed 'recipe | model | figure' (the
+    --check of a rerun against the reference's seeds): the four metrics of the attack at each checkpoint for
+    the two controls and each method, each method's share back, unlearning steps, KnowMem retain and
+    geometry."""
+    fig = {}
+    first = runs["NPO"]
+    models = [("Target", first, "original"), ("Never saw", first, "never_saw")]
+    models += [(ILU_LABEL.get(name, v) if v != "NPO" else v, rs, "unlearned") for v, rs in runs.items() if rs]
+    steps = [p["step"] for p in first[0]["relearn/original"]["curve"]]
+    for label, rs, who in models:
+        for i, step in enumerate(steps):
+            for key in ("verbmem_held", "verbmem_attack", "forget_nll_held", "forget_nll_attack", "knowmem_forget"):
+                fig[f"{name} | {label} | {key} step {step}"] = [st[f"relearn/{who}"]["curve"][i][key] for st in rs]
+            if who == "unlearned":
+                fig[f"{name} | {label} | share back step {step}"] = [shares_back(st)[i] for st in rs]
+        if who == "unlearned":
+            geo = [st["relearn/unlearned"]["geometry"] for st in rs]
+            fig[f"{name} | {label} | unlearning steps"] = [unlearning_steps(st["unlearn"]) for st in rs]
+            fig[f"{name} | {label} | KnowMem retain"] = [st["unlearned"]["knowmem_retain"] for st in rs]
+            fig[f"{name} | {label} | cos back"] = [g["cos_back"] for g in geo]
+            fig[f"{name} | {label} | norm ratio"] = [g["norm_u"] / g["norm_rl"] for g in geo]
+    return fig
+
+
+def check(out: Path, reference: Path, recipes: list[str], seeds: list[int]) -> int:
+    """A rerun's relearning tables against the reference's seeds, figure by figure, the tutorial tables' way
+    (tutorial_tables.check: within the seeds' range, within the 95% prediction interval of one more seed, or
+    outside; it passes when no more figures land outside than chance explains): what reproduces a table on
+    a machine whose last bits differ, where a stop rule turns them into another step. 0 when it passes."""
+    import tutorial_tables   # the benchmarks folder is on the path (this script's own)
+    ref_seeds = sorted({int(k.rsplit("-s", 1)[1]) for k in collect(reference)})
+    fig, ref, mixed = {}, {}, ""
+    for name in recipes:
+        if name not in RELEARN:
+            raise ilu.ILUError(f"--check reads the relearning recipes' tables ({', '.join(RELEARN)}), not {name}")
+        mine, theirs = load(out, name, seeds), load(reference, name, ref_seeds)
+        if not all(len(rs) == len(seeds) for rs in mine.values()):
+            raise ilu.ILUError(f"--check {name}: not every run of seeds {seeds} has finished in {out}")
+        fig.update(relearn_figures(name, mine))
+        ref.update(relearn_figures(name, theirs))
+        others = [s for s in ref_seeds if s not in seeds]        # the published tables with this rerun's seeds in
+        rest = load(reference, name, others)
+        mixed += tables(name, {v: mine[v] + rest[v] for v in VARIANTS}, seeds + others) + "\n"
+    text, beyond = tutorial_tables.check(fig, dict(seeds=ref_seeds, figures=ref), seeds)
+    runlib.write_atomic(out / "check.md", text + "\n\n## The tables with this rerun's seeds in place of the "
+                        f"reference's\n\n{mixed}")
+    print(text.rsplit("\n", 1)[-1] + f" (every figure: {out / 'check.md'})")
+    return 0 if beyond == 0 else 1
+
+
+def same_bits(reference: Path, data_dir: str | None, cache_dir: str) -> int:
+    """Whether this machine computes the reference's bits, in seconds rather than a 40-minute rerun: the
+    pretrained SmolLM2's forget NLL on seed 0's held-out half (the never-saw control's reading before its
+    attack: one batched forward pass, no training), with the kernels a run pins, against the reference's.
+    0 when the two are the same float."""
+    argv = command(Path("runs/same-bits"), "relearn", "NPO", 0, data_dir, cache_dir)[2:]
+    cfg = run_muse.config(argv)
+    kernels = runlib.pin_cpu_kernels(cfg.cpu_kernels)          # before this process's first CPU kernel
+    sets = run_muse.scaled_sets(cfg)
+    model, tok = ilu.load_model(str(runlib.model_path(cfg.model or "smollm2-135m", cache_dir)), dtype="float32")
+    rl = muse_relearn.relearn_sets(cfg, tok, sets["ev"], sets["forget"])
+    with torch.no_grad():
+        here = runlib.answer_nll(model.eval(), rl["nll_held"], cfg.eval_batch)
+    theirs = collect(reference)["relearn/npo-s0"]["relearn/never_saw"]["curve"][0]["forget_nll_held"]
+    same = here == theirs
+    print(f"pretrained SmolLM2, forget NLL of seed 0's held-out half ({kernels} kernels, "
+          f"{torch.get_num_threads()} threads): {here!r} here, {theirs!r} in {reference}: "
+          + ("the same bits: a rerun here should be identical to the reference (--compare)." if same else
+             "different bits: a rerun here differs from the reference from its first figure on; judge it by the "
+             "seeds' spread (--check), not by identity (--compare)."))
+    return 0 if same else 1
+
+
 def collect(where: Path) -> dict:
     """{"recipe/run": stages} of the finished runs under a study folder, or as saved by --save-reference."""
     if where.is_file():
@@ -391,11 +476,21 @@ def main():
     ap.add_argument("--save-reference", default=None, metavar="FILE",
                     help="write every finished run's stages to FILE (the reference --compare reads), beside the runs "
                          "FILE already holds")
+    ap.add_argument("--check", default=None, metavar="REFERENCE.json",
+                    help="after the runs, judge the relearning tables' figures of these seeds against the spread of "
+                         "the reference's seeds (in range / in the 95%% prediction interval / outside; passes when no "
+                         "more are outside than chance explains), as tutorial_tables.py --check does; exit 1 unless "
+                         "it passes")
+    ap.add_argument("--same-bits", default=None, metavar="REFERENCE.json",
+                    help="only say, in seconds, whether this machine computes the reference's bits (one forward pass "
+                         "of the pretrained model compared with the reference's); exit 1 if not")
     args = ap.parse_args()
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         raise ilu.ILUError(f"unknown recipe {unknown[0]}: choose among {', '.join(RECIPES)}")
     out = Path(args.out)
+    if args.same_bits:
+        sys.exit(same_bits(Path(args.same_bits), args.data_dir, args.cache_dir))
     if not args.report:
         runlib.check_data_dir(args.data_dir)
         t0 = time.perf_counter()
@@ -412,8 +507,10 @@ def main():
         ref = Path(args.save_reference)
         runs = {**(collect(ref) if ref.is_file() else {}), **collect(out)}
         runlib.write_atomic(ref, json.dumps(runs, indent=0))
-    if args.compare:
-        sys.exit(compare(out, Path(args.compare)))
+    if args.compare or args.check:
+        failed = [compare(out, Path(args.compare)) if args.compare else 0,
+                  check(out, Path(args.check), args.recipes, args.seeds) if args.check else 0]
+        sys.exit(max(failed))
 
 
 if __name__ == "__main__":

@@ -171,3 +171,43 @@ def test_small_recipe_end_to_end_with_a_borrowed_control(prepared, tmp_path):
     r = run_script("run_muse.py", ["--method", "npo", "--data-dir", DATA, "--out", str(tmp_path / "other"),
                                    "--control-from", str(npo), "--seed", "1", *MICRO_SMALL], tmp_path, timeout=120)
     assert r.returncode == 2 and "was run with different seed" in r.stderr
+
+
+@needs_data
+def test_same_bits_reads_the_pretrained_models_held_out_nll(prepared, tmp_path):
+    """real_study.py --same-bits: the pretrained model's forget NLL on seed 0's held-out half, against a hand
+    computation (each passage alone, unpadded: -log softmax of every continuation token), and its verdict."""
+    import subprocess
+    import torch
+    import ilu
+    import muse_relearn
+    import run_muse
+
+    (tmp_path / "cache").mkdir()
+    os.symlink(prepared, tmp_path / "cache" / "smollm2-135m")
+    ref = tmp_path / "ref.json"
+
+    def same_bits(value):
+        ref.write_text(json.dumps({"relearn/npo-s0": {"relearn/never_saw": {"curve": [{"forget_nll_held": value}]}}}))
+        return subprocess.run([sys.executable, "benchmarks/real_study.py", "--data-dir", DATA, "--cache-dir",
+                               str(tmp_path / "cache"), "--same-bits", str(ref)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    r = same_bits(1.0)
+    assert r.returncode == 1 and "different bits: a rerun here differs from the reference" in r.stdout
+    here = float(r.stdout.split("): ")[1].split(" here")[0])
+    # by hand: seed 0's held-out half of the 16 passages, each passage's continuation scored alone
+    ev = run_muse.scaled_sets(run_muse.config(["--small", "--data-dir", DATA]))["ev"]
+    _, held = muse_relearn.relearn_split(ev["verbmem"], 0.5, 0)
+    model, tok = ilu.load_model(str(prepared), "float32", "cpu")
+    total = count = 0
+    with torch.no_grad():
+        for i in held:
+            p = tok(ev["verbmem"][i]["prompt"])["input_ids"]
+            a = tok(ev["verbmem"][i]["gt"], add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(model(torch.tensor([p + a])).logits[0, len(p) - 1:-1].double(), -1)
+            total -= logp[torch.arange(len(a)), torch.tensor(a)].sum().item()
+            count += len(a)
+    assert abs(here - total / count) < 1e-4
+    r = same_bits(here)
+    assert r.returncode == 0 and "the same bits: a rerun here should be identical" in r.stdout

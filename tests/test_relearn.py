@@ -415,3 +415,45 @@ def test_relearn_gap_paired_by_seed_by_hand(tmp_path):
     # too few seeds run for one method: the paired table is left out, not paired wrongly
     shutil.rmtree(real_study.folder(out, "relearn", "NPO + ILU(GSM8K)", 1))
     assert "paired by seed" not in real_study.tables("relearn", real_study.load(out, "relearn", [0, 1]), [0, 1])
+
+
+def test_relearn_check_against_the_seeds_spread(tmp_path):
+    """real_study.py --check: a rerun's relearning figures judged against the reference seeds' spread (within
+    their range, within the 95% prediction interval of one more seed, or outside), the tutorial tables' rule."""
+    ref_out, ref = tmp_path / "reference", tmp_path / "reference.json"
+    # NPO's unlearned held-out VerbMem at step 0 over seeds 0-2: 30, 20, 25 (mean 25, sd 5): the 95% prediction
+    # interval for one more seed is 25 ± t(0.975, 2) · 5 · sqrt(1 + 1/3) = 25 ± 4.303 · 5.7735 = 25 ± 24.84
+    for seed, u in enumerate([30.0, 20.0, 25.0]):
+        for variant in real_study.VARIANTS:
+            relearn_run(real_study.folder(ref_out, "relearn", variant, seed), (80.0, 80.0, 78.0), (15.0, 16.0, 17.0),
+                        (u, u + 10, u + 15))
+    ref.write_text(json.dumps(real_study.collect(ref_out)))
+
+    def check(npo_held_0=30.0, target=(80.0, 80.0, 78.0), never=(15.0, 16.0, 17.0)):
+        out = tmp_path / f"rerun-{npo_held_0}-{target[0]}"
+        relearn_run(real_study.folder(out, "relearn", "NPO", 0), target, never, (npo_held_0, 40.0, 45.0))
+        relearn_run(real_study.folder(out, "relearn", "NPO + ILU(GSM8K)", 0), target, never, (30.0, 40.0, 45.0))
+        r = subprocess.run([sys.executable, "benchmarks/real_study.py", "--out", str(out), "--recipes", "relearn",
+                            "--seeds", "0", "--report", "--check", str(ref)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        return r, (out / "check.md").read_text()
+
+    r, table = check()                                        # seed 0 again, the same bits: every figure identical
+    assert r.returncode == 0, r.stderr
+    assert "74 figures checked against the reference's seeds 0, 1, 2: 74 in range, 0 in the 95% prediction" in r.stdout
+    assert "PASS. 74 of 74 are identical to the reference's run of the same seed (this machine" in r.stdout
+    # and the published tables with the rerun's seed 0 beside the reference's seeds 1 and 2
+    mixed = table.split("## The tables with this rerun's seeds in place of the reference's")[1]
+    assert "seeds 0, 1, 2 (NPO: 3 finished, NPO + ILU(GSM8K): 3 finished)" in mixed
+    assert "| NPO | 25.0 ± 5.0 | 35.0 ± 5.0 | 40.0 ± 5.0 |" in mixed
+    r, table = check(npo_held_0=49.0)                          # 49 is within 25 ± 24.84: in the interval, not the range
+    assert r.returncode == 0 and "| relearn | NPO | verbmem_held step 0 | 0 | 49.00 |" in table
+    assert "| NPO | 31.3 ± 15.5 | 35.0 ± 5.0 | 40.0 ± 5.0 |" in table     # (49 + 20 + 25) / 3 at step 0
+    assert "| 0.16–49.84 | in 95% PI |" in table
+    r, table = check(npo_held_0=51.0)                          # 51 is outside it; one figure alone still passes
+    assert r.returncode == 0 and "| 51.00 | 25.00 ± 5.00 (20.00–30.00) | 0.16–49.84 | OUTSIDE |" in table
+    # both controls 15 and 20 points higher: their VerbMem on both halves at three steps, where every reference
+    # seed has the same (sd 0), 12 outside, more than chance explains among 74 (7); the shares back, which the
+    # target's VerbMem enters, move within their seeds' spread
+    r, table = check(target=(95.0, 95.0, 93.0), never=(35.0, 36.0, 37.0))
+    assert r.returncode == 1 and "12 outside (chance alone puts up to 7 of 74 outside, 95% of the time): FAIL." in r.stdout
