@@ -251,13 +251,19 @@ class Seed:
                 torch.save(ilu.state_of(self.model), path)
                 self.results.record(f"{variant}/unlearned", entry, start)
                 print(f"seed {self.seed} {variant}/unlearned: {summary(entry)}", flush=True)
-            u, theta_u = self.results.get(f"{variant}/unlearned"), torch.load(path)
-            for t in attacks:
-                def attacked(t=t):
-                    e = self.attack(t, theta_u, theta_o)
-                    return dict(e, share_back=[share_back(u["v_nll"], p["v_nll"], pre["v_nll"]) for p in e["curve"]])
-                self.stage(f"{variant}/finetune/{t}", attacked)
+            self.attacks(variant, attacks)
         return self.results.data["stages"]
+
+    def attacks(self, label: str, tasks: list[str]):
+        """Each attack on the unlearned model saved under `label` (a variant, or a lambda of the sweep), with the
+        share back at each checkpoint."""
+        pre, u = self.results.get("pretrained"), self.results.get(f"{label}/unlearned")
+        theta_u = torch.load(self.unlearned_path(label))
+        for t in tasks:
+            def attacked(t=t):
+                e = self.attack(t, theta_u, self.theta_o)
+                return dict(e, share_back=[share_back(u["v_nll"], p["v_nll"], pre["v_nll"]) for p in e["curve"]])
+            self.stage(f"{label}/finetune/{t}", attacked)
 
     def sweep(self, lams: list[float]) -> dict:
         """Item 6 of #37, does the penalty act? NPO + ILU(GSM8K) unlearned at each lambda to the same depth,
@@ -272,12 +278,21 @@ class Seed:
                                "for this seed first (--unlearn-only is enough)")
         tau_npo = ilu.task_vector(torch.load(npo_path), theta_o)
         for lam in lams:
-            def swept(lam=lam):
+            label = f"lambda {lam:g}"
+            path = self.unlearned_path(label)
+            if not self.results.done(f"{label}/unlearned") or not path.exists():
                 runlib.restore(self.model, theta_o)
+                start = time.perf_counter()
                 e = self.unlearn("NPO + ILU(GSM8K)", pre["v_nll"] + self.cfg["depth"], lam)
                 tau = ilu.task_vector(ilu.state_of(self.model), theta_o)
-                return dict(e, lam=lam, cos_npo=ilu.cosine(tau, tau_npo), norm_ratio=ilu.norm(tau) / ilu.norm(tau_npo))
-            self.stage(f"lambda {lam:g}/unlearned", swept)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(ilu.state_of(self.model), path)
+                self.results.record(f"{label}/unlearned", dict(e, lam=lam, cos_npo=ilu.cosine(tau, tau_npo),
+                                                               norm_ratio=ilu.norm(tau) / ilu.norm(tau_npo)), start)
+                print(f"seed {self.seed} {label}/unlearned: {summary(self.results.get(f'{label}/unlearned'))}",
+                      flush=True)
+            if not self.cfg.get("unlearn_only"):             # ILU at this lambda attacked as the study's models are
+                self.attacks(label, [*self.data["tasks"], "T"])
         return self.results.data["stages"]
 
 
@@ -335,7 +350,8 @@ def report(out: Path, seeds: list[int]) -> str:
                     row.append(f"{when[5:]}: penalty {ms_([x['penalty'] for x in g], 4)}, |grad| unlearn "
                                f"{ms_([x['grad_unlearn'] for x in g], 2)} / penalty {ms_([x['grad_penalty'] for x in g], 4)}")
             lines.append(f"{who}: " + ", ".join(row))
-    swept = sorted({k for s in seeds for k in runs[s] if k.startswith("lambda ")}, key=lambda k: float(k.split()[1].split("/")[0]))
+    swept = sorted({k for s in seeds for k in runs[s] if k.startswith("lambda ") and k.endswith("/unlearned")},
+                   key=lambda k: float(k.split()[1].split("/")[0]))
     for name in swept:                                      # the lambda sweep (item 6): NPO + ILU at other lambdas
         e = [runs[s][name] for s in seeds if name in runs[s]]
         lines.append(f"NPO + ILU(GSM8K), {name} ({len(e)} seed{'s' if len(e) > 1 else ''}): "
@@ -364,6 +380,16 @@ def report(out: Path, seeds: list[int]) -> str:
             spread = f" ± {g[1]:.2f}" if judged else ""
             row.append(f"NPO - ILU {g[0]:+.2f}{spread}{' (ILU holds back)' if judged and g[2] else ''}")
             lines.append(" | ".join(row))
+        for name in swept:                                  # ILU at the swept lambdas, paired with NPO where run
+            label = name.split("/")[0]
+            have = [s for s in seeds if f"{label}/finetune/{t}" in runs[s]]
+            if have:
+                sh = [runs[s][f"{label}/finetune/{t}"]["share_back"] for s in have]
+                gap = [[a - b for a, b in zip(runs[s][f"NPO/finetune/{t}"]["share_back"], x)] for s, x in zip(have, sh)]
+                signed = lambda v: f"{mean_std(v)[0]:+.2f}" + (f" ± {mean_std(v)[1]:.2f}" if len(v) > 1 else "")  # noqa: E731
+                lines.append(f"  NPO + ILU(GSM8K), {label} ({len(have)} seed{'s' if len(have) > 1 else ''}): share "
+                             "back " + " / ".join(signed([x[i] for x in sh]) for i in range(len(steps)))
+                             + ", NPO - it " + " / ".join(signed([x[i] for x in gap]) for i in range(len(steps))))
         for v in VARIANTS:
             e = [runs[s][f"{v}/finetune/{t}"] for s in seeds]
             acc = [x["accuracy"] for x in e if x["accuracy"] is not None]
@@ -392,7 +418,8 @@ def main():
     ap.add_argument("--unlearn-only", action="store_true", help="stop after the unlearning, no attacks (a lambda "
                     "sweep: does the penalty change what is unlearned?); the same command without it resumes")
     ap.add_argument("--lam-sweep", nargs="+", type=float, default=[], metavar="LAMBDA", help="then unlearn NPO + "
-                    "ILU(GSM8K) again at each of these lambdas to the same depth (the NPO stage must be saved)")
+                    "ILU(GSM8K) again at each of these lambdas to the same depth (the NPO stage must be saved), and "
+                    "attack it as the study's models are (not with --unlearn-only)")
     ap.add_argument("--report", action="store_true", help="only print the tables from the saved runs")
     ap.add_argument("--compare", metavar="FILE", help="then count each saved seed's figures identical to FILE's "
                     "(benchmarks/code_study_reference.json); exit 1 unless all are")

@@ -184,3 +184,22 @@ def test_lambda_sweep_matches_the_depth_and_compares_with_npo(tmp_path):
     assert ten["history"][0]["irm"] == one["history"][0]["irm"]               # the same start, then lambda acts
     assert ten["v_nll"] != one["v_nll"] and ten["cos_npo"] < one["cos_npo"]
     assert "lambda 10/unlearned" in code_study.report(tmp_path, [0])
+    # without --unlearn-only the swept model is attacked as the study's are, from its saved weights
+    before = json.loads((tmp_path / "seed0" / "results.json").read_text())["stages"]["lambda 10/unlearned"]
+    whole = code_study.Seed(cfg, 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path)
+    whole.run()                                                              # the study's attacks, for the report
+    attacked = whole.sweep([10.0])
+    assert attacked["lambda 10/unlearned"] == before                         # not unlearned again
+    pre, u = attacked["pretrained"]["v_nll"], attacked["lambda 10/unlearned"]["v_nll"]
+    for t in ("gsm8k", "sst2", "T"):
+        e = attacked[f"lambda 10/finetune/{t}"]
+        assert e["share_back"] == pytest.approx([(u - p["v_nll"]) / (u - pre) for p in e["curve"]])
+    # the lambda-10 model, not another: its GSM8K attack from the saved weights by hand, V read after step 1
+    model, got = model_for(tok, layers=2, seed=0), []
+    runlib.restore(model, torch.load(tmp_path / "seed0" / "lambda10" / "unlearned.pt"))
+    ilu.finetune(model, data["tasks"]["gsm8k"][0], max_steps=cfg["ft_steps"], batch_size=cfg["ft_batch"],
+                 lr=cfg["ft_lr"], hook=lambda step, _: got.append(code_study.code_nll(model, tok, run.Vp, cfg["nll_tokens"])),
+                 hook_steps=[1], hook_each_epoch=False, seed=0, progress=False)
+    assert got == [attacked["lambda 10/finetune/gsm8k"]["curve"][0]["v_nll"]]
+    text = code_study.report(tmp_path, [0])
+    assert "NPO + ILU(GSM8K), lambda 10 (1 seed): share back" in text
