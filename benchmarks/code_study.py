@@ -47,7 +47,7 @@ DEFAULT_TASKS = ["gsm8k", "sst2", "agnews"]           # two never seen by ILU; -
 VARIANTS = {"NPO": {}, "NPO + ILU(GSM8K)": {"envs": ["gsm8k"]}}
 DEFAULTS = dict(  # #37's hand trial: NPO 20 x 4 at lr 5e-5 raised V's NLL ~0.5 nats; GSM8K 40 x 4 at 2e-5
     share=0.5, probe_chunk=2, nll_tokens=128, mem_prefix=64, mem_new=64, depth=0.5, max_steps=40, batch_size=1, grad_accum=4,
-    lr=5e-5, lam=1.0, env_batch_size=16, ft_steps=40, ft_batch=4, ft_lr=2e-5, checkpoints=[10, 20, 30, 40],
+    lr=5e-5, lam=1.0, sweep_env="gsm8k", env_batch_size=16, ft_steps=40, ft_batch=4, ft_lr=2e-5, checkpoints=[10, 20, 30, 40],
     n_train=512, n_eval=100, retain_texts=32, utility_texts=16, max_length=256)
 
 
@@ -211,14 +211,18 @@ class Seed:
         cos_back = None if state is theta_o else ilu.cosine(ilu.task_vector(after, state), ilu.task_vector(state, theta_o))
         return dict(curve=curve, accuracy=acc, cos_back=cos_back)
 
-    def unlearn(self, variant: str, target: float, lam: float | None = None) -> dict:
+    def env_data(self, task: str) -> list[dict]:
+        """An ILU environment: a task's training pairs (GSM8K's, the study's, unless a sweep names another)."""
+        return self.data["env"] if task == "gsm8k" else self.data.get("envs", {}).get(task) or self.data["tasks"][task][0]
+
+    def unlearn(self, variant: str, target: float, lam: float | None = None, env: str = "gsm8k") -> dict:
         """NPO (or NPO + ILU) on T, the retain news as retain set, until V's code NLL reaches `target` (matched
         forgetting: the same depth for both, checked after every step; at most max_steps, the lr schedule's).
-        lam: ILU's lambda, when not the config's (the sweep)."""
+        lam, env: ILU's lambda and environment, when not the study's (the sweep)."""
         c, tok = dict(self.cfg, lam=self.cfg["lam"] if lam is None else lam), self.tok
         forget = ilu.encode_texts(tok, [x["text"] for x in self.T], max_length=c["nll_tokens"])
         retain = ilu.encode_texts(tok, self.data["retain"], max_length=c["max_length"])
-        envs = {"gsm8k": self.data["env"]} if VARIANTS[variant].get("envs") else {}
+        envs = {env: self.env_data(env)} if VARIANTS[variant].get("envs") else {}
         checks = []
 
         def stop(step):
@@ -226,7 +230,7 @@ class Seed:
             checks.append(dict(step=step, v_nll=v))
             return v >= target
 
-        ref, env = ilu.reference_logprobs(self.model, forget[:4]), self.data["env"][:c["env_batch_size"]]
+        ref, env = ilu.reference_logprobs(self.model, forget[:4]), self.env_data(env)[:c["env_batch_size"]]
         before = gradient_norms(self.model, forget[:4], env, ref)
         history = ilu.unlearn(self.model, forget, retain, "npo", envs=envs, lam=c["lam"] if envs else 0.0,
                               steps=c["max_steps"], batch_size=c["batch_size"], grad_accum=c["grad_accum"],
@@ -265,10 +269,11 @@ class Seed:
                 return dict(e, share_back=[share_back(u["v_nll"], p["v_nll"], pre["v_nll"]) for p in e["curve"]])
             self.stage(f"{label}/finetune/{t}", attacked)
 
-    def sweep(self, lams: list[float]) -> dict:
+    def sweep(self, lams: list[float], env: str = "gsm8k") -> dict:
         """Item 6 of #37, does the penalty act? NPO + ILU(GSM8K) unlearned at each lambda to the same depth,
         stage "lambda X/unlearned", with the cosine of its unlearning update to NPO's (1: the penalty changed
-        nothing of what is unlearned). Needs the NPO stage (run the study, or --unlearn-only, first)."""
+        nothing of what is unlearned). Needs the NPO stage (run the study, or --unlearn-only, first). Another
+        environment (item 5: ILU given a task other than the attack's): stages "ILU(task) lambda X/...". """
         theta_o = self.theta_o
         runlib.restore(self.model, theta_o)
         pre = self.stage("pretrained", lambda: self.metrics(True))
@@ -278,16 +283,16 @@ class Seed:
                                "for this seed first (--unlearn-only is enough)")
         tau_npo = ilu.task_vector(torch.load(npo_path), theta_o)
         for lam in lams:
-            label = f"lambda {lam:g}"
+            label = f"lambda {lam:g}" if env == "gsm8k" else f"ILU({env}) lambda {lam:g}"
             path = self.unlearned_path(label)
             if not self.results.done(f"{label}/unlearned") or not path.exists():
                 runlib.restore(self.model, theta_o)
                 start = time.perf_counter()
-                e = self.unlearn("NPO + ILU(GSM8K)", pre["v_nll"] + self.cfg["depth"], lam)
+                e = self.unlearn("NPO + ILU(GSM8K)", pre["v_nll"] + self.cfg["depth"], lam, env)
                 tau = ilu.task_vector(ilu.state_of(self.model), theta_o)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(ilu.state_of(self.model), path)
-                self.results.record(f"{label}/unlearned", dict(e, lam=lam, cos_npo=ilu.cosine(tau, tau_npo),
+                self.results.record(f"{label}/unlearned", dict(e, lam=lam, env=env, cos_npo=ilu.cosine(tau, tau_npo),
                                                                norm_ratio=ilu.norm(tau) / ilu.norm(tau_npo)), start)
                 print(f"seed {self.seed} {label}/unlearned: {summary(self.results.get(f'{label}/unlearned'))}",
                       flush=True)
@@ -317,10 +322,11 @@ def load_data(cfg: dict, data_dir: str, tok, seed: int) -> dict:
     d = news_and_wiki(data_dir, cfg["retain_texts"], cfg["utility_texts"])
     d["chunks"] = load_chunks(data_dir)
     d["tasks"] = {}
-    for t in sorted(set(cfg["tasks"]) | {"gsm8k"}, key=TASKS.index):
+    for t in sorted(set(cfg["tasks"]) | {"gsm8k", cfg["sweep_env"]}, key=TASKS.index):
         train, test, _ = runlib.task_split(t, data_dir, cfg["n_train"], cfg["n_eval"], seed)
         d["tasks"][t] = (ilu.encode_pairs(tok, train, max_length=cfg["max_length"]), test)
     d["env"] = d["tasks"]["gsm8k"][0]                            # ILU's environment: GSM8K's training pairs
+    d["envs"] = {cfg["sweep_env"]: d["tasks"][cfg["sweep_env"]][0]}   # --sweep-env's
     d["tasks"] = {t: d["tasks"][t] for t in cfg["tasks"]}
     return d
 
@@ -350,11 +356,11 @@ def report(out: Path, seeds: list[int]) -> str:
                     row.append(f"{when[5:]}: penalty {ms_([x['penalty'] for x in g], 4)}, |grad| unlearn "
                                f"{ms_([x['grad_unlearn'] for x in g], 2)} / penalty {ms_([x['grad_penalty'] for x in g], 4)}")
             lines.append(f"{who}: " + ", ".join(row))
-    swept = sorted({k for s in seeds for k in runs[s] if k.startswith("lambda ") and k.endswith("/unlearned")},
-                   key=lambda k: float(k.split()[1].split("/")[0]))
-    for name in swept:                                      # the lambda sweep (item 6): NPO + ILU at other lambdas
+    swept = sorted({k for s in seeds for k in runs[s] if "lambda " in k and k.endswith("/unlearned")},
+                   key=lambda k: (k.split("lambda ")[0], float(k.split("lambda ")[1].split("/")[0])))
+    for name in swept:                          # the sweep (items 5, 6): NPO + ILU at other lambdas or environments
         e = [runs[s][name] for s in seeds if name in runs[s]]
-        lines.append(f"NPO + ILU(GSM8K), {name} ({len(e)} seed{'s' if len(e) > 1 else ''}): "
+        lines.append(f"{sweep_title(name)}/unlearned ({len(e)} seed{'s' if len(e) > 1 else ''}): "
                      f"steps {ms_([len(x['history']) for x in e], 1)}, "
                      + ", ".join(f"{k} {ms_([x[k] for x in e])}" for k in keys)
                      + f", cos to NPO's update {ms_([x['cos_npo'] for x in e], 4)}, |update| / NPO's "
@@ -387,7 +393,7 @@ def report(out: Path, seeds: list[int]) -> str:
                 sh = [runs[s][f"{label}/finetune/{t}"]["share_back"] for s in have]
                 gap = [[a - b for a, b in zip(runs[s][f"NPO/finetune/{t}"]["share_back"], x)] for s, x in zip(have, sh)]
                 signed = lambda v: f"{mean_std(v)[0]:+.2f}" + (f" ± {mean_std(v)[1]:.2f}" if len(v) > 1 else "")  # noqa: E731
-                lines.append(f"  NPO + ILU(GSM8K), {label} ({len(have)} seed{'s' if len(have) > 1 else ''}): share "
+                lines.append(f"  {sweep_title(label)} ({len(have)} seed{'s' if len(have) > 1 else ''}): share "
                              "back " + " / ".join(signed([x[i] for x in sh]) for i in range(len(steps)))
                              + ", NPO - it " + " / ".join(signed([x[i] for x in gap]) for i in range(len(steps))))
         for v in VARIANTS:
@@ -397,6 +403,14 @@ def report(out: Path, seeds: list[int]) -> str:
                          + (f", accuracy {ms_(acc, 3)} (control {ms_([runs[s][f'control/{t}']['accuracy'] for s in seeds], 3)})"
                             if acc else ""))
     return "\n".join(lines)
+
+
+def sweep_title(label: str) -> str:
+    """A sweep's stage label as the report names it: "lambda 100" -> "NPO + ILU(GSM8K), lambda 100",
+    "ILU(agnews) lambda 1" -> "NPO + ILU(agnews), lambda 1"."""
+    label = label.split("/")[0]
+    env, lam = label.split("lambda ")
+    return f"NPO + {env.strip() or 'ILU(GSM8K)'}, lambda {lam}"
 
 
 def control_share(stages: dict, task: str, i: int) -> float:
@@ -420,6 +434,8 @@ def main():
     ap.add_argument("--lam-sweep", nargs="+", type=float, default=[], metavar="LAMBDA", help="then unlearn NPO + "
                     "ILU(GSM8K) again at each of these lambdas to the same depth (the NPO stage must be saved), and "
                     "attack it as the study's models are (not with --unlearn-only)")
+    ap.add_argument("--sweep-env", default="gsm8k", choices=TASKS, help="ILU's environment in the --lam-sweep runs "
+                    "(item 5: another task than the attack's, e.g. agnews attacked with --tasks gsm8k; default gsm8k)")
     ap.add_argument("--report", action="store_true", help="only print the tables from the saved runs")
     ap.add_argument("--compare", metavar="FILE", help="then count each saved seed's figures identical to FILE's "
                     "(benchmarks/code_study_reference.json); exit 1 unless all are")
@@ -440,7 +456,7 @@ def run_seeds(args, out: Path):
     runlib.check_data_dir(args.data_dir)
     kernels = runlib.pin_cpu_kernels("avx2")      # the same bits on any x86-64 CPU (docs/reproducibility.md)
     print(f"CPU kernels: {kernels}, {torch.get_num_threads()} threads")
-    cfg = dict(DEFAULTS, tasks=args.tasks, lam=args.lam, unlearn_only=args.unlearn_only)
+    cfg = dict(DEFAULTS, tasks=args.tasks, lam=args.lam, unlearn_only=args.unlearn_only, sweep_env=args.sweep_env)
     path = runlib.model_path("smollm2-135m", args.cache_dir)
     for seed in args.seeds:
         torch.manual_seed(seed)
@@ -450,7 +466,7 @@ def run_seeds(args, out: Path):
         if not args.lam_sweep or not run.results.done("NPO/unlearned"):
             run.run()
         if args.lam_sweep:
-            run.sweep(args.lam_sweep)
+            run.sweep(args.lam_sweep, args.sweep_env)
 
 
 def saved(out: Path, seeds: list[int]) -> dict:

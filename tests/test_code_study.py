@@ -203,3 +203,14 @@ def test_lambda_sweep_matches_the_depth_and_compares_with_npo(tmp_path):
     assert got == [attacked["lambda 10/finetune/gsm8k"]["curve"][0]["v_nll"]]
     text = code_study.report(tmp_path, [0])
     assert "NPO + ILU(GSM8K), lambda 10 (1 seed): share back" in text
+    # another environment (item 5): ILU(SST-2) at lambda 1, its penalty read on SST-2's pairs, then attacked
+    other = whole.sweep([1.0], "sst2")
+    e = other["ILU(sst2) lambda 1/unlearned"]
+    assert e["env"] == "sst2" and e["history"][0]["forget"] == one["history"][0]["forget"]
+    model = model_for(tok, layers=2, seed=0)
+    eb = ilu.collate(data["tasks"]["sst2"][0][:cfg["env_batch_size"]])
+    penalty = ilu.irm_penalty(model(input_ids=eb["input_ids"], attention_mask=eb["attention_mask"]).logits, eb["labels"])
+    assert e["grad_before"]["penalty"] == pytest.approx(float(penalty.detach()), rel=1e-6)
+    assert e["grad_before"]["penalty"] != one["grad_before"]["penalty"]      # not GSM8K's
+    assert "ILU(sst2) lambda 1/finetune/gsm8k" in other
+    assert "NPO + ILU(sst2), lambda 1 (1 seed): share back" in code_study.report(tmp_path, [0])
