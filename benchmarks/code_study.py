@@ -45,6 +45,7 @@ TASKS = ["gsm8k", "sst2", "agnews", "winogrande"]     # GSM8K: ILU's environment
 METRICS = ("v_nll", "t_nll", "v_nll_all", "t_nll_all", "v_mem", "news_nll", "wiki_nll")   # a model's figures
 DEFAULT_TASKS = ["gsm8k", "sst2", "agnews"]           # two never seen by ILU; --tasks adds winogrande
 VARIANTS = {"NPO": {}, "NPO + ILU(GSM8K)": {"envs": ["gsm8k"]}}
+FREE = ("unlearn_only", "tasks", "sweep_env")   # what a seed's folder may be resumed with changed: which stages run
 DEFAULTS = dict(  # #37's hand trial: NPO 20 x 4 at lr 5e-5 raised V's NLL ~0.5 nats; GSM8K 40 x 4 at 2e-5
     share=0.5, probe_chunk=2, nll_tokens=128, mem_prefix=64, mem_new=64, depth=0.5, max_steps=40, batch_size=1, grad_accum=4,
     lr=5e-5, lam=1.0, sweep_env="gsm8k", env_batch_size=16, ft_steps=40, ft_batch=4, ft_lr=2e-5, checkpoints=[10, 20, 30, 40],
@@ -157,7 +158,7 @@ class Seed:
     def __init__(self, cfg: dict, seed: int, model, tok, data: dict, out: Path):
         self.cfg, self.seed, self.model, self.tok, self.data = cfg, seed, model, tok, data
         self.out, self.theta_o = out / f"seed{seed}", ilu.state_of(model)       # the pretrained weights
-        self.results = runlib.Results(self.out, dict(cfg, seed=seed), [k for k in cfg if k != "unlearn_only"])
+        self.results = runlib.Results(self.out, dict(cfg, seed=seed), [k for k in cfg if k not in FREE])
         self.T, self.V = split_modules(data["chunks"], seed, cfg["share"])
         # the probes: one chunk of each module (the probe_chunk-th), read at every checkpoint and by the stop rule;
         # the whole sets are read before and after unlearning (v_nll_all, t_nll_all)

@@ -214,3 +214,19 @@ def test_lambda_sweep_matches_the_depth_and_compares_with_npo(tmp_path):
     assert e["grad_before"]["penalty"] != one["grad_before"]["penalty"]      # not GSM8K's
     assert "ILU(sst2) lambda 1/finetune/gsm8k" in other
     assert "NPO + ILU(sst2), lambda 1 (1 seed): share back" in code_study.report(tmp_path, [0])
+
+
+def test_a_seed_resumes_with_other_attacks_and_sweeps(tmp_path):
+    """Which attacks and sweeps run may change between invocations on one seed's folder (a folder written
+    before --sweep-env existed included); a setting that changes what a stage means is refused."""
+    tok, data, cfg = _micro()
+    code_study.Seed(dict(cfg, unlearn_only=True), 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path).run()
+    path = tmp_path / "seed0" / "results.json"
+    saved = json.loads(path.read_text())
+    del saved["config"]["sweep_env"]                                         # as written before the flag
+    path.write_text(json.dumps(saved))
+    run = code_study.Seed(dict(cfg, tasks=["gsm8k"], sweep_env="sst2"), 0, model_for(tok, layers=2, seed=0), tok,
+                          data, tmp_path)
+    assert run.results.done("NPO/unlearned")
+    with pytest.raises(ilu.ILUError, match="holds a run with different lr"):
+        code_study.Seed(dict(cfg, lr=1e-3), 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path)
