@@ -45,6 +45,7 @@ import muse_relearn  # noqa: E402
 import run_muse  # noqa: E402
 from run_muse import SMALL  # noqa: E402
 from tiny_study import ms, relearning  # noqa: E402
+from tutorial_tables import check as check_spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP = 25        # --stop-verbmem of the relearn recipes' NPO: where it stops unlearning (held-out VerbMem)
@@ -396,7 +397,6 @@ def check(out: Path, reference: Path, recipes: list[str], seeds: list[int]) -> i
     (tutorial_tables.check: within the seeds' range, within the 95% prediction interval of one more seed, or
     outside; it passes when no more figures land outside than chance explains): what reproduces a table on
     a machine whose last bits differ, where a stop rule turns them into another step. 0 when it passes."""
-    import tutorial_tables   # the benchmarks folder is on the path (this script's own)
     ref_seeds = sorted({int(k.rsplit("-s", 1)[1]) for k in collect(reference)})
     fig, ref, mixed = {}, {}, ""
     for name in recipes:
@@ -410,7 +410,7 @@ def check(out: Path, reference: Path, recipes: list[str], seeds: list[int]) -> i
         others = [s for s in ref_seeds if s not in seeds]        # the published tables with this rerun's seeds in
         rest = load(reference, name, others)
         mixed += tables(name, {v: mine[v] + rest[v] for v in VARIANTS}, seeds + others) + "\n"
-    text, beyond = tutorial_tables.check(fig, dict(seeds=ref_seeds, figures=ref), seeds)
+    text, beyond = check_spread(fig, dict(seeds=ref_seeds, figures=ref), seeds)
     runlib.write_atomic(out / "check.md", text + "\n\n## The tables with this rerun's seeds in place of the "
                         f"reference's\n\n{mixed}")
     print(text.rsplit("\n", 1)[-1] + f" (every figure: {out / 'check.md'})")
@@ -430,7 +430,11 @@ def same_bits(reference: Path, data_dir: str | None, cache_dir: str) -> int:
     rl = muse_relearn.relearn_sets(cfg, tok, sets["ev"], sets["forget"])
     with torch.no_grad():
         here = runlib.answer_nll(model.eval(), rl["nll_held"], cfg.eval_batch)
-    theirs = collect(reference)["relearn/npo-s0"]["relearn/never_saw"]["curve"][0]["forget_nll_held"]
+    saved = collect(reference).get("relearn/npo-s0", {})
+    if "relearn/never_saw" not in saved:
+        raise ilu.ILUError(f"--same-bits {reference} holds no seed-0 run of recipe relearn: use "
+                           "benchmarks/real_study_reference.json")
+    theirs = saved["relearn/never_saw"]["curve"][0]["forget_nll_held"]
     same = here == theirs
     print(f"pretrained SmolLM2, forget NLL of seed 0's held-out half ({kernels} kernels, "
           f"{torch.get_num_threads()} threads): {here!r} here, {theirs!r} in {reference}: "
@@ -489,7 +493,12 @@ def main():
     if unknown:
         raise ilu.ILUError(f"unknown recipe {unknown[0]}: choose among {', '.join(RECIPES)}")
     out = Path(args.out)
+    for flag, path in (("--compare", args.compare), ("--check", args.check), ("--same-bits", args.same_bits)):
+        if path and not Path(path).exists():
+            raise ilu.ILUError(f"{flag} {path}: no such file or folder (the study's reference is "
+                               "benchmarks/real_study_reference.json)")
     if args.same_bits:
+        runlib.check_data_dir(args.data_dir)
         sys.exit(same_bits(Path(args.same_bits), args.data_dir, args.cache_dir))
     if not args.report:
         runlib.check_data_dir(args.data_dir)

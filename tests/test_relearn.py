@@ -457,3 +457,11 @@ def test_relearn_check_against_the_seeds_spread(tmp_path):
     # target's VerbMem enters, move within their seeds' spread
     r, table = check(target=(95.0, 95.0, 93.0), never=(35.0, 36.0, 37.0))
     assert r.returncode == 1 and "12 outside (chance alone puts up to 7 of 74 outside, 95% of the time): FAIL." in r.stdout
+
+
+@pytest.mark.parametrize("flag", ["--check", "--same-bits", "--compare"])
+def test_real_study_missing_reference_one_line_exit_2(flag, tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/real_study.py", "--report", "--out", str(tmp_path), flag,
+                        str(tmp_path / "nothing.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"{flag} {tmp_path / 'nothing.json'}: no such file or folder" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
