@@ -117,10 +117,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def ms_(values: list[float], d: int = 3) -> str:
+def ms_(values: list[float], d: int = 3, signed: bool = False) -> str:
     """mean ± std over seeds; one seed: its value alone."""
     m, s = mean_std(values)
-    return f"{m:.{d}f} ± {s:.{d}f}" if len(values) > 1 else f"{m:.{d}f}"
+    mean = f"{m:+.{d}f}" if signed else f"{m:.{d}f}"
+    return f"{mean} ± {s:.{d}f}" if len(values) > 1 else mean
 
 
 def relearns(shares: list[float], control: list[float]) -> bool:
@@ -247,17 +248,22 @@ class Seed:
         for t in attacks:
             self.stage(f"control/{t}", lambda t=t: self.attack(t, theta_o, theta_o))
         for variant in VARIANTS:
-            path = self.unlearned_path(variant)
-            if not self.results.done(f"{variant}/unlearned") or not path.exists():
-                runlib.restore(self.model, theta_o)
-                start = time.perf_counter()
-                entry = self.unlearn(variant, pre["v_nll"] + self.cfg["depth"])
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(ilu.state_of(self.model), path)
-                self.results.record(f"{variant}/unlearned", entry, start)
-                print(f"seed {self.seed} {variant}/unlearned: {summary(entry)}", flush=True)
+            self.unlearned(variant, lambda v=variant: self.unlearn(v, pre["v_nll"] + self.cfg["depth"]))
             self.attacks(variant, attacks)
         return self.results.data["stages"]
+
+    def unlearned(self, label: str, run):
+        """The stage "label/unlearned": run() from the pretrained weights, recorded, and the unlearned weights saved
+        for the attacks (run again when either is missing)."""
+        path = self.unlearned_path(label)
+        if not self.results.done(f"{label}/unlearned") or not path.exists():
+            runlib.restore(self.model, self.theta_o)
+            start = time.perf_counter()
+            entry = run()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(ilu.state_of(self.model), path)
+            self.results.record(f"{label}/unlearned", entry, start)
+            print(f"seed {self.seed} {label}/unlearned: {summary(self.results.get(f'{label}/unlearned'))}", flush=True)
 
     def attacks(self, label: str, tasks: list[str]):
         """Each attack on the unlearned model saved under `label` (a variant, or a lambda of the sweep), with the
@@ -285,18 +291,12 @@ class Seed:
         tau_npo = ilu.task_vector(torch.load(npo_path), theta_o)
         for lam in lams:
             label = f"lambda {lam:g}" if env == "gsm8k" else f"ILU({env}) lambda {lam:g}"
-            path = self.unlearned_path(label)
-            if not self.results.done(f"{label}/unlearned") or not path.exists():
-                runlib.restore(self.model, theta_o)
-                start = time.perf_counter()
+
+            def swept(lam=lam):
                 e = self.unlearn("NPO + ILU(GSM8K)", pre["v_nll"] + self.cfg["depth"], lam, env)
                 tau = ilu.task_vector(ilu.state_of(self.model), theta_o)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(ilu.state_of(self.model), path)
-                self.results.record(f"{label}/unlearned", dict(e, lam=lam, env=env, cos_npo=ilu.cosine(tau, tau_npo),
-                                                               norm_ratio=ilu.norm(tau) / ilu.norm(tau_npo)), start)
-                print(f"seed {self.seed} {label}/unlearned: {summary(self.results.get(f'{label}/unlearned'))}",
-                      flush=True)
+                return dict(e, lam=lam, env=env, cos_npo=ilu.cosine(tau, tau_npo), norm_ratio=ilu.norm(tau) / ilu.norm(tau_npo))
+            self.unlearned(label, swept)
             if not self.cfg.get("unlearn_only"):             # ILU at this lambda attacked as the study's models are
                 self.attacks(label, [*self.data["tasks"], "T"])
         return self.results.data["stages"]
@@ -380,9 +380,7 @@ def report(out: Path, seeds: list[int]) -> str:
             row = [f"  step {step}: control {mean_std(control[i])[0]:+.2f}"]
             for v in VARIANTS:
                 col = [sh[i] for sh in shares[v]]
-                m, sd = mean_std(col)
-                spread = f" ± {sd:.2f}" if judged else ""
-                row.append(f"{v} {m:+.2f}{spread}{' RELEARNS' if judged and relearns(col, control[i]) else ''}")
+                row.append(f"{v} {ms_(col, 2, signed=True)}{' RELEARNS' if judged and relearns(col, control[i]) else ''}")
             g = holds_back([sh[i] for sh in shares["NPO"]], [sh[i] for sh in shares["NPO + ILU(GSM8K)"]])
             spread = f" ± {g[1]:.2f}" if judged else ""
             row.append(f"NPO - ILU {g[0]:+.2f}{spread}{' (ILU holds back)' if judged and g[2] else ''}")
@@ -393,10 +391,9 @@ def report(out: Path, seeds: list[int]) -> str:
             if have:
                 sh = [runs[s][f"{label}/finetune/{t}"]["share_back"] for s in have]
                 gap = [[a - b for a, b in zip(runs[s][f"NPO/finetune/{t}"]["share_back"], x)] for s, x in zip(have, sh)]
-                signed = lambda v: f"{mean_std(v)[0]:+.2f}" + (f" ± {mean_std(v)[1]:.2f}" if len(v) > 1 else "")  # noqa: E731
                 lines.append(f"  {sweep_title(label)} ({len(have)} seed{'s' if len(have) > 1 else ''}): share "
-                             "back " + " / ".join(signed([x[i] for x in sh]) for i in range(len(steps)))
-                             + ", NPO - it " + " / ".join(signed([x[i] for x in gap]) for i in range(len(steps))))
+                             "back " + " / ".join(ms_([x[i] for x in sh], 2, True) for i in range(len(steps)))
+                             + ", NPO - it " + " / ".join(ms_([x[i] for x in gap], 2, True) for i in range(len(steps))))
         for v in VARIANTS:
             e = [runs[s][f"{v}/finetune/{t}"] for s in seeds]
             acc = [x["accuracy"] for x in e if x["accuracy"] is not None]
