@@ -45,7 +45,7 @@ TASKS = ["gsm8k", "sst2", "agnews", "winogrande"]     # GSM8K: ILU's environment
 METRICS = ("v_nll", "t_nll", "v_nll_all", "t_nll_all", "v_mem", "news_nll", "wiki_nll")   # a model's figures
 DEFAULT_TASKS = ["gsm8k", "sst2", "agnews"]           # two never seen by ILU; --tasks adds winogrande
 VARIANTS = {"NPO": {}, "NPO + ILU(GSM8K)": {"envs": ["gsm8k"]}}
-FREE = ("unlearn_only", "tasks", "sweep_env")   # what a seed's folder may be resumed with changed: which stages run
+FREE = ("unlearn_only", "tasks", "sweep_env", "attack_steps")   # a seed's folder may be resumed with these changed: which stages run
 DEFAULTS = dict(  # #37's hand trial: NPO 20 x 4 at lr 5e-5 raised V's NLL ~0.5 nats; GSM8K 40 x 4 at 2e-5
     share=0.5, probe_chunk=2, nll_tokens=128, mem_prefix=64, mem_new=64, depth=0.5, max_steps=40, batch_size=1, grad_accum=4,
     lr=5e-5, lam=1.0, sweep_env="gsm8k", env_batch_size=16, ft_steps=40, ft_batch=4, ft_lr=2e-5, checkpoints=[10, 20, 30, 40],
@@ -189,11 +189,27 @@ class Seed:
             print(f"seed {self.seed} {name}: {summary(self.results.get(name))}", flush=True)
         return self.results.get(name)
 
-    def attack(self, task: str, state, theta_o) -> dict:
+    def attack_names(self) -> list[str]:
+        """The attacks this invocation runs: each task and T's chunks, ft_steps long; with attack_steps (the longer
+        attack, a lever of #37's item 5) each task alone, that long, its stages named "task@steps"."""
+        n = self.cfg.get("attack_steps")
+        if n and n != self.cfg["ft_steps"]:
+            return [f"{t}@{n}" for t in self.data["tasks"]]
+        return [*self.data["tasks"], "T"]
+
+    def attack(self, name: str, state, theta_o) -> dict:
         """Fine-tune from `state` on a task (or, task "T", on T's chunks themselves: the relearning attack),
         with V's and T's code NLL at each checkpoint, the task's accuracy, and the cosine of the fine-tuning's
-        task vector with the unlearning's (cos back; the paper's Sec. 6)."""
+        task vector with the unlearning's (cos back; the paper's Sec. 6). "task@N": N steps, read at the
+        study's checkpoints and then every half of its last (10, 20, 30, 40, 60, 80, ...); with the lr constant
+        and the sampler seeded, its first ft_steps are the study's attack step for step."""
         c = self.cfg
+        task, _, n = name.partition("@")
+        steps, checkpoints = c["ft_steps"], list(c["checkpoints"])
+        if n:
+            steps, gap = int(n), max(1, checkpoints[-1] // 2)
+            checkpoints += list(range(checkpoints[-1] + gap, steps + 1, gap))
+            checkpoints = [x for x in checkpoints if x < steps] + [steps]
         runlib.restore(self.model, state)
         if task == "T":
             train = ilu.encode_texts(self.tok, [x["text"] for x in self.T], max_length=c["nll_tokens"])
@@ -205,9 +221,9 @@ class Seed:
         def hook(step, _epoch):
             curve.append(dict(step=step, **self.metrics()))
 
-        ilu.finetune(self.model, train, max_steps=c["ft_steps"], batch_size=c["ft_batch"], lr=c["ft_lr"],
-                     hook=hook, hook_steps=c["checkpoints"], hook_each_epoch=False, seed=self.seed, progress=True,
-                     desc=task)
+        ilu.finetune(self.model, train, max_steps=steps, batch_size=c["ft_batch"], lr=c["ft_lr"],
+                     hook=hook, hook_steps=checkpoints, hook_each_epoch=False, seed=self.seed, progress=True,
+                     desc=name)
         acc = ilu.task_accuracy(self.model, self.tok, test, max_new_tokens=64, progress=False) if test else None
         after = ilu.state_of(self.model)
         cos_back = None if state is theta_o else ilu.cosine(ilu.task_vector(after, state), ilu.task_vector(state, theta_o))
@@ -244,7 +260,7 @@ class Seed:
     def run(self) -> dict:
         theta_o = self.theta_o
         pre = self.stage("pretrained", lambda: self.metrics(True))
-        attacks = [] if self.cfg.get("unlearn_only") else [*self.data["tasks"], "T"]
+        attacks = [] if self.cfg.get("unlearn_only") else self.attack_names()
         for t in attacks:
             self.stage(f"control/{t}", lambda t=t: self.attack(t, theta_o, theta_o))
         for variant in VARIANTS:
@@ -298,7 +314,7 @@ class Seed:
                 return dict(e, lam=lam, env=env, cos_npo=ilu.cosine(tau, tau_npo), norm_ratio=ilu.norm(tau) / ilu.norm(tau_npo))
             self.unlearned(label, swept)
             if not self.cfg.get("unlearn_only"):             # ILU at this lambda attacked as the study's models are
-                self.attacks(label, [*self.data["tasks"], "T"])
+                self.attacks(label, self.attack_names())
         return self.results.data["stages"]
 
 
@@ -341,8 +357,7 @@ def report(out: Path, seeds: list[int]) -> str:
     if not runs:
         raise ilu.ILUError(f"no results under {out}: run the study first")
     seeds = sorted(runs)
-    first = runs[seeds[0]]
-    tasks = [k.split("/")[-1] for k in first if k.startswith("control/")]
+    tasks = list(dict.fromkeys(k.split("/")[-1] for s in seeds for k in runs[s] if k.startswith("control/")))
     judged = len(seeds) > 1                                  # the criterion needs a seed spread
     lines = [f"seeds {seeds}; criterion: share back on V >= 1/3, > 2 std, > control; ILU holds back: "
              f"NPO - ILU paired by seed > 0 and > 2 std" + ("" if judged else " (one seed: no verdict)"), ""]
@@ -368,14 +383,19 @@ def report(out: Path, seeds: list[int]) -> str:
                      f"{ms_([x['norm_ratio'] for x in e])}, penalty before/after {ms_([x['grad_before']['penalty'] for x in e], 4)}"
                      f" / {ms_([x['grad_after']['penalty'] for x in e], 4)}")
     lines.append("")
-    for t in tasks:
-        if not all(f"{v}/finetune/{t}" in runs[s] for v in VARIANTS for s in seeds):
+    all_seeds = seeds
+    for t in tasks:                       # each attack on the seeds that ran it for the control and both variants
+        seeds = [s for s in all_seeds if all(k in runs[s] for k in (f"control/{t}", *(f"{v}/finetune/{t}" for v in VARIANTS)))]
+        if not seeds:
             continue
-        steps = [p["step"] for p in first[f"control/{t}"]["curve"]]
+        judged = len(seeds) > 1
+        steps = [p["step"] for p in runs[seeds[0]][f"control/{t}"]["curve"]]
         control = {i: [control_share(runs[s], t, i) for s in seeds] for i in range(len(steps))}
         shares = {v: [runs[s][f"{v}/finetune/{t}"]["share_back"] for s in seeds] for v in VARIANTS}
-        lines.append(t + {"gsm8k": " (ILU's environment)", "T": " (the relearning attack: T's own chunks)"}.get(
-            t, " (never seen by ILU)"))
+        task, _, n = t.partition("@")
+        lines.append(task + {"gsm8k": " (ILU's environment)", "T": " (the relearning attack: T's own chunks)"}.get(
+            task, " (never seen by ILU)") + (f", {n} steps" if n else "")
+            + (f" (seeds {seeds})" if seeds != all_seeds else ""))
         for i, step in enumerate(steps):
             row = [f"  step {step}: control {mean_std(control[i])[0]:+.2f}"]
             for v in VARIANTS:
@@ -434,6 +454,9 @@ def main():
                     "attack it as the study's models are (not with --unlearn-only)")
     ap.add_argument("--sweep-env", default="gsm8k", choices=TASKS, help="ILU's environment in the --lam-sweep runs "
                     "(item 5: another task than the attack's, e.g. agnews attacked with --tasks gsm8k; default gsm8k)")
+    ap.add_argument("--attack-steps", type=int, metavar="N", help="a longer attack (a lever): each --tasks task "
+                    f"fine-tuned N steps instead of {DEFAULTS['ft_steps']}, from the control and both unlearned "
+                    "models, read every 20 steps after step 40; stages \"task@N\", beside the study's")
     ap.add_argument("--report", action="store_true", help="only print the tables from the saved runs")
     ap.add_argument("--compare", metavar="FILE", help="then count each saved seed's figures identical to FILE's "
                     "(benchmarks/code_study_reference.json); exit 1 unless all are")
@@ -451,10 +474,13 @@ def main():
 
 
 def run_seeds(args, out: Path):
+    if args.attack_steps is not None and args.attack_steps < 1:
+        raise ilu.ILUError(f"--attack-steps {args.attack_steps}: the attack needs at least one step")
     runlib.check_data_dir(args.data_dir)
     kernels = runlib.pin_cpu_kernels("avx2")      # the same bits on any x86-64 CPU (docs/reproducibility.md)
     print(f"CPU kernels: {kernels}, {torch.get_num_threads()} threads")
-    cfg = dict(DEFAULTS, tasks=args.tasks, lam=args.lam, unlearn_only=args.unlearn_only, sweep_env=args.sweep_env)
+    cfg = dict(DEFAULTS, tasks=args.tasks, lam=args.lam, unlearn_only=args.unlearn_only, sweep_env=args.sweep_env,
+               attack_steps=args.attack_steps)
     path = runlib.model_path("smollm2-135m", args.cache_dir)
     for seed in args.seeds:
         torch.manual_seed(seed)

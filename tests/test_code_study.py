@@ -3,6 +3,7 @@ criterion's arithmetic, and a micro-scale run of the whole plumbing (tiny random
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -230,3 +231,38 @@ def test_a_seed_resumes_with_other_attacks_and_sweeps(tmp_path):
     assert run.results.done("NPO/unlearned")
     with pytest.raises(ilu.ILUError, match="holds a run with different lr"):
         code_study.Seed(dict(cfg, lr=1e-3), 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path)
+
+
+def test_a_longer_attack_continues_the_studys_step_for_step(tmp_path):
+    """--attack-steps (a lever): each task attacked longer from the same weights, stages "task@N" beside the
+    study's; the lr is constant and the sampler seeded, so its first ft_steps are the study's attack's."""
+    tok, data, cfg = _micro()
+    code_study.Seed(cfg, 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path).run()
+    run = code_study.Seed(dict(cfg, tasks=["gsm8k"], attack_steps=4), 0, model_for(tok, layers=2, seed=0), tok,
+                          dict(data, tasks={"gsm8k": data["tasks"]["gsm8k"]}), tmp_path)
+    assert run.attack_names() == ["gsm8k@4"]
+    stages = run.run()
+    new = {k for k in stages if "@" in k}
+    assert new == {"control/gsm8k@4", *(f"{v}/finetune/gsm8k@4" for v in code_study.VARIANTS)}
+    for who in ("control", *(f"{v}/finetune" for v in code_study.VARIANTS)):
+        long, short = stages[f"{who}/gsm8k@4"], stages[f"{who}/gsm8k"]
+        assert [p["step"] for p in long["curve"]] == [1, 2, 3, 4]      # the study's checkpoints, then every 1
+        assert long["curve"][:2] == short["curve"]                     # the same first two steps, bit for bit
+        assert long["curve"][3] != short["curve"][1]
+    u, pre = stages["NPO/unlearned"]["v_nll"], stages["pretrained"]["v_nll"]
+    assert stages["NPO/finetune/gsm8k@4"]["share_back"][3] == pytest.approx(
+        (u - stages["NPO/finetune/gsm8k@4"]["curve"][3]["v_nll"]) / (u - pre))
+    text = code_study.report(tmp_path, [0])
+    assert "gsm8k (ILU's environment), 4 steps" in text and "  step 4: control" in text
+    # a second seed without the longer attack: it is reported on the seed that ran it, and says so
+    code_study.Seed(cfg, 1, model_for(tok, layers=2, seed=0), tok, data, tmp_path).run()
+    text = code_study.report(tmp_path, [0, 1])
+    assert "gsm8k (ILU's environment), 4 steps (seeds [0])" in text
+    assert "gsm8k (ILU's environment)\n" in text and "± " in text.split("4 steps")[0]   # the study's, over 2 seeds
+
+
+def test_attack_steps_below_one_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "code_study.py"),
+                          "--attack-steps", "0", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "--attack-steps 0: the attack needs at least one step" in out.stderr
+    assert "Traceback" not in out.stderr
