@@ -402,8 +402,8 @@ def report(out: Path, seeds: list[int]) -> str:
                 col = [sh[i] for sh in shares[v]]
                 row.append(f"{v} {ms_(col, 2, signed=True)}{' RELEARNS' if judged and relearns(col, control[i]) else ''}")
             g = holds_back([sh[i] for sh in shares["NPO"]], [sh[i] for sh in shares["NPO + ILU(GSM8K)"]])
-            spread = f" ± {g[1]:.2f}" if judged else ""
-            row.append(f"NPO - ILU {g[0]:+.2f}{spread}{' (ILU holds back)' if judged and g[2] else ''}")
+            spread = f" ± {g[1]:.3f}" if judged else ""          # 3 decimals: the gaps seen here are ~0.003
+            row.append(f"NPO - ILU {g[0]:+.3f}{spread}{' (ILU holds back)' if judged and g[2] else ''}")
             lines.append(" | ".join(row))
         for name in swept:                                  # ILU at the swept lambdas, paired with NPO where run
             label = name.split("/")[0]
@@ -413,7 +413,7 @@ def report(out: Path, seeds: list[int]) -> str:
                 gap = [[a - b for a, b in zip(runs[s][f"NPO/finetune/{t}"]["share_back"], x)] for s, x in zip(have, sh)]
                 lines.append(f"  {sweep_title(label)} ({len(have)} seed{'s' if len(have) > 1 else ''}): share "
                              "back " + " / ".join(ms_([x[i] for x in sh], 2, True) for i in range(len(steps)))
-                             + ", NPO - it " + " / ".join(ms_([x[i] for x in gap], 2, True) for i in range(len(steps))))
+                             + ", NPO - it " + " / ".join(ms_([x[i] for x in gap], 3, True) for i in range(len(steps))))
         for v in VARIANTS:
             e = [runs[s][f"{v}/finetune/{t}"] for s in seeds]
             acc = [x["accuracy"] for x in e if x["accuracy"] is not None]
