@@ -279,7 +279,7 @@ class Seed:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(ilu.state_of(self.model), path)
             self.results.record(f"{label}/unlearned", entry, start)
-            print(f"seed {self.seed} {label}/unlearned: {summary(self.results.get(f'{label}/unlearned'))}", flush=True)
+            print(f"seed {self.seed} {label}/unlearned: {summary(entry)}", flush=True)   # record() timed it
 
     def attacks(self, label: str, tasks: list[str]):
         """Each attack on the unlearned model saved under `label` (a variant, or a lambda of the sweep), with the
@@ -383,19 +383,18 @@ def report(out: Path, seeds: list[int]) -> str:
                      f"{ms_([x['norm_ratio'] for x in e])}, penalty before/after {ms_([x['grad_before']['penalty'] for x in e], 4)}"
                      f" / {ms_([x['grad_after']['penalty'] for x in e], 4)}")
     lines.append("")
-    all_seeds = seeds
     for t in tasks:                       # each attack on the seeds that ran it for the control and both variants
-        seeds = [s for s in all_seeds if all(k in runs[s] for k in (f"control/{t}", *(f"{v}/finetune/{t}" for v in VARIANTS)))]
-        if not seeds:
+        ran = [s for s in seeds if all(k in runs[s] for k in (f"control/{t}", *(f"{v}/finetune/{t}" for v in VARIANTS)))]
+        if not ran:
             continue
-        judged = len(seeds) > 1
-        steps = [p["step"] for p in runs[seeds[0]][f"control/{t}"]["curve"]]
-        control = {i: [control_share(runs[s], t, i) for s in seeds] for i in range(len(steps))}
-        shares = {v: [runs[s][f"{v}/finetune/{t}"]["share_back"] for s in seeds] for v in VARIANTS}
+        judged = len(ran) > 1                                # per attack: a longer one may have run on one seed
+        steps = [p["step"] for p in runs[ran[0]][f"control/{t}"]["curve"]]
+        control = {i: [control_share(runs[s], t, i) for s in ran] for i in range(len(steps))}
+        shares = {v: [runs[s][f"{v}/finetune/{t}"]["share_back"] for s in ran] for v in VARIANTS}
         task, _, n = t.partition("@")
         lines.append(task + {"gsm8k": " (ILU's environment)", "T": " (the relearning attack: T's own chunks)"}.get(
             task, " (never seen by ILU)") + (f", {n} steps" if n else "")
-            + (f" (seeds {seeds})" if seeds != all_seeds else ""))
+            + (f" (seeds {ran})" if ran != seeds else ""))
         for i, step in enumerate(steps):
             row = [f"  step {step}: control {mean_std(control[i])[0]:+.2f}"]
             for v in VARIANTS:
@@ -407,7 +406,7 @@ def report(out: Path, seeds: list[int]) -> str:
             lines.append(" | ".join(row))
         for name in swept:                                  # ILU at the swept lambdas, paired with NPO where run
             label = name.split("/")[0]
-            have = [s for s in seeds if f"{label}/finetune/{t}" in runs[s]]
+            have = [s for s in ran if f"{label}/finetune/{t}" in runs[s]]
             if have:
                 sh = [runs[s][f"{label}/finetune/{t}"]["share_back"] for s in have]
                 gap = [[a - b for a, b in zip(runs[s][f"NPO/finetune/{t}"]["share_back"], x)] for s, x in zip(have, sh)]
@@ -415,10 +414,10 @@ def report(out: Path, seeds: list[int]) -> str:
                              "back " + " / ".join(ms_([x[i] for x in sh], 2, True) for i in range(len(steps)))
                              + ", NPO - it " + " / ".join(ms_([x[i] for x in gap], 3, True) for i in range(len(steps))))
         for v in VARIANTS:
-            e = [runs[s][f"{v}/finetune/{t}"] for s in seeds]
+            e = [runs[s][f"{v}/finetune/{t}"] for s in ran]
             acc = [x["accuracy"] for x in e if x["accuracy"] is not None]
             lines.append(f"  {v}: cos back {ms_([x['cos_back'] for x in e], 3)}"
-                         + (f", accuracy {ms_(acc, 3)} (control {ms_([runs[s][f'control/{t}']['accuracy'] for s in seeds], 3)})"
+                         + (f", accuracy {ms_(acc, 3)} (control {ms_([runs[s][f'control/{t}']['accuracy'] for s in ran], 3)})"
                             if acc else ""))
     return "\n".join(lines)
 
