@@ -45,7 +45,7 @@ TASKS = ["gsm8k", "sst2", "agnews", "winogrande"]     # GSM8K: ILU's environment
 METRICS = ("v_nll", "t_nll", "v_nll_all", "t_nll_all", "v_mem", "news_nll", "wiki_nll")   # a model's figures
 DEFAULT_TASKS = ["gsm8k", "sst2", "agnews"]           # two never seen by ILU; --tasks adds winogrande
 VARIANTS = {"NPO": {}, "NPO + ILU(GSM8K)": {"envs": ["gsm8k"]}}
-FREE = ("unlearn_only", "tasks", "sweep_env", "attack_steps")   # a seed's folder may be resumed with these changed: which stages run
+FREE = ("unlearn_only", "tasks", "sweep_env", "attack_steps", "attack_lr")   # may change on resume: which stages run
 DEFAULTS = dict(  # #37's hand trial: NPO 20 x 4 at lr 5e-5 raised V's NLL ~0.5 nats; GSM8K 40 x 4 at 2e-5
     share=0.5, probe_chunk=2, nll_tokens=128, mem_prefix=64, mem_new=64, depth=0.5, max_steps=40, batch_size=1, grad_accum=4,
     lr=5e-5, lam=1.0, sweep_env="gsm8k", env_batch_size=16, ft_steps=40, ft_batch=4, ft_lr=2e-5, checkpoints=[10, 20, 30, 40],
@@ -190,24 +190,25 @@ class Seed:
         return self.results.get(name)
 
     def attack_names(self) -> list[str]:
-        """The attacks this invocation runs: each task and T's chunks, ft_steps long; with attack_steps (the longer
-        attack, a lever of #37's item 5) each task alone, that long, its stages named "task@steps"."""
-        n = self.cfg.get("attack_steps")
-        if n and n != self.cfg["ft_steps"]:
-            return [f"{t}@{n}" for t in self.data["tasks"]]
-        return [*self.data["tasks"], "T"]
+        """The attacks this invocation runs: each task and T's chunks, ft_steps long at ft_lr; with attack_steps or
+        attack_lr (a longer or stronger attack, the levers of #37's item 5) each task alone, its stages named
+        "task@steps", "task@lrLR" or "task@steps@lrLR"."""
+        c = self.cfg
+        n, lr = c.get("attack_steps"), c.get("attack_lr")
+        mods = (f"@{n}" if n and n != c["ft_steps"] else "") + (f"@lr{lr:g}" if lr and lr != c["ft_lr"] else "")
+        return [f"{t}{mods}" for t in self.data["tasks"]] if mods else [*self.data["tasks"], "T"]
 
     def attack(self, name: str, state, theta_o) -> dict:
         """Fine-tune from `state` on a task (or, task "T", on T's chunks themselves: the relearning attack),
         with V's and T's code NLL at each checkpoint, the task's accuracy, and the cosine of the fine-tuning's
         task vector with the unlearning's (cos back; the paper's Sec. 6). "task@N": N steps, read at the
         study's checkpoints and then every half of its last (10, 20, 30, 40, 60, 80, ...); with the lr constant
-        and the sampler seeded, its first ft_steps are the study's attack step for step."""
+        and the sampler seeded, its first ft_steps are the study's attack step for step. "task@lrLR": at lr LR."""
         c = self.cfg
-        task, _, n = name.partition("@")
-        steps, checkpoints = c["ft_steps"], list(c["checkpoints"])
-        if n:
-            steps, gap = int(n), max(1, checkpoints[-1] // 2)
+        task, steps, lr = parse_attack(name)
+        steps, lr, checkpoints = steps or c["ft_steps"], lr or c["ft_lr"], list(c["checkpoints"])
+        if steps != c["ft_steps"]:
+            gap = max(1, checkpoints[-1] // 2)
             checkpoints += list(range(checkpoints[-1] + gap, steps + 1, gap))
             checkpoints = [x for x in checkpoints if x < steps] + [steps]
         runlib.restore(self.model, state)
@@ -221,7 +222,7 @@ class Seed:
         def hook(step, _epoch):
             curve.append(dict(step=step, **self.metrics()))
 
-        ilu.finetune(self.model, train, max_steps=steps, batch_size=c["ft_batch"], lr=c["ft_lr"],
+        ilu.finetune(self.model, train, max_steps=steps, batch_size=c["ft_batch"], lr=lr,
                      hook=hook, hook_steps=checkpoints, hook_each_epoch=False, seed=self.seed, progress=True,
                      desc=name)
         acc = ilu.task_accuracy(self.model, self.tok, test, max_new_tokens=64, progress=False) if test else None
@@ -318,6 +319,14 @@ class Seed:
         return self.results.data["stages"]
 
 
+def parse_attack(name: str) -> tuple[str, int | None, float | None]:
+    """An attack's stage name read back: "gsm8k@120@lr0.0001" -> ("gsm8k", 120, 0.0001); None: the study's."""
+    task, *mods = name.split("@")
+    steps = next((int(m) for m in mods if not m.startswith("lr")), None)
+    lr = next((float(m[2:]) for m in mods if m.startswith("lr")), None)
+    return task, steps, lr
+
+
 def summary(entry: dict) -> str:
     """One line for a finished stage: its time and headline figures (everything is in results.json)."""
     parts = [f"{entry.get('time_s', 0):.0f} s"]
@@ -391,9 +400,9 @@ def report(out: Path, seeds: list[int]) -> str:
         steps = [p["step"] for p in runs[ran[0]][f"control/{t}"]["curve"]]
         control = {i: [control_share(runs[s], t, i) for s in ran] for i in range(len(steps))}
         shares = {v: [runs[s][f"{v}/finetune/{t}"]["share_back"] for s in ran] for v in VARIANTS}
-        task, _, n = t.partition("@")
+        task, n, lr = parse_attack(t)
         lines.append(task + {"gsm8k": " (ILU's environment)", "T": " (the relearning attack: T's own chunks)"}.get(
-            task, " (never seen by ILU)") + (f", {n} steps" if n else "")
+            task, " (never seen by ILU)") + (f", {n} steps" if n else "") + (f", lr {lr:g}" if lr else "")
             + (f" (seeds {ran})" if ran != seeds else ""))
         for i, step in enumerate(steps):
             row = [f"  step {step}: control {mean_std(control[i])[0]:+.2f}"]
@@ -456,6 +465,12 @@ def main():
     ap.add_argument("--attack-steps", type=int, metavar="N", help="a longer attack (a lever): each --tasks task "
                     f"fine-tuned N steps instead of {DEFAULTS['ft_steps']}, from the control and both unlearned "
                     "models, read every 20 steps after step 40; stages \"task@N\", beside the study's")
+    ap.add_argument("--attack-lr", type=float, metavar="LR", help="a stronger attack (a lever): each --tasks task "
+                    f"fine-tuned at lr LR instead of {DEFAULTS['ft_lr']:g} (with --attack-steps too, if given); stages "
+                    "\"task@lrLR\", beside the study's")
+    ap.add_argument("--depth", type=float, default=DEFAULTS["depth"], help="unlearn until V's code NLL is this many "
+                    "nats above the pretrained model's (a lever: shallower or deeper; default %(default)s); another "
+                    "depth is another study: give it its own --out")
     ap.add_argument("--report", action="store_true", help="only print the tables from the saved runs")
     ap.add_argument("--compare", metavar="FILE", help="then count each saved seed's figures identical to FILE's "
                     "(benchmarks/code_study_reference.json); exit 1 unless all are")
@@ -475,11 +490,15 @@ def main():
 def run_seeds(args, out: Path):
     if args.attack_steps is not None and args.attack_steps < 1:
         raise ilu.ILUError(f"--attack-steps {args.attack_steps}: the attack needs at least one step")
+    if args.attack_lr is not None and not args.attack_lr > 0:
+        raise ilu.ILUError(f"--attack-lr {args.attack_lr}: the attack's learning rate must be above 0")
+    if not args.depth > 0:
+        raise ilu.ILUError(f"--depth {args.depth}: the unlearning must raise V's NLL, by more than 0 nats")
     runlib.check_data_dir(args.data_dir)
     kernels = runlib.pin_cpu_kernels("avx2")      # the same bits on any x86-64 CPU (docs/reproducibility.md)
     print(f"CPU kernels: {kernels}, {torch.get_num_threads()} threads")
     cfg = dict(DEFAULTS, tasks=args.tasks, lam=args.lam, unlearn_only=args.unlearn_only, sweep_env=args.sweep_env,
-               attack_steps=args.attack_steps)
+               attack_steps=args.attack_steps, attack_lr=args.attack_lr, depth=args.depth)
     path = runlib.model_path("smollm2-135m", args.cache_dir)
     for seed in args.seeds:
         torch.manual_seed(seed)

@@ -261,8 +261,62 @@ def test_a_longer_attack_continues_the_studys_step_for_step(tmp_path):
     assert "gsm8k (ILU's environment)\n" in text and "± " in text.split("4 steps")[0]   # the study's, over 2 seeds
 
 
-def test_attack_steps_below_one_is_one_line(tmp_path):
+def test_a_stronger_attack_runs_at_its_lr_from_the_saved_weights(tmp_path):
+    """--attack-lr (a lever): each task fine-tuned at another lr from the same unlearned weights, stages "task@lrLR"
+    beside the study's; with --attack-steps too, "task@N@lrLR"."""
+    tok, data, cfg = _micro()
+    code_study.Seed(cfg, 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path).run()
+    only_gsm8k = dict(data, tasks={"gsm8k": data["tasks"]["gsm8k"]})
+    run = code_study.Seed(dict(cfg, tasks=["gsm8k"], attack_lr=2e-2), 0, model_for(tok, layers=2, seed=0), tok,
+                          only_gsm8k, tmp_path)
+    assert run.attack_names() == ["gsm8k@lr0.02"]
+    stages = run.run()
+    assert {k for k in stages if "@" in k} == {"control/gsm8k@lr0.02",
+                                               *(f"{v}/finetune/gsm8k@lr0.02" for v in code_study.VARIANTS)}
+    # by hand: NPO's saved weights fine-tuned on GSM8K at lr 0.02, V read after each step
+    model, got = model_for(tok, layers=2, seed=0), []
+    runlib.restore(model, torch.load(tmp_path / "seed0" / "NPO" / "unlearned.pt"))
+    ilu.finetune(model, data["tasks"]["gsm8k"][0], max_steps=cfg["ft_steps"], batch_size=cfg["ft_batch"], lr=2e-2,
+                 hook=lambda step, _: got.append(code_study.code_nll(model, tok, run.Vp, cfg["nll_tokens"])),
+                 hook_steps=[1, 2], hook_each_epoch=False, seed=0, progress=False)
+    strong, study = stages["NPO/finetune/gsm8k@lr0.02"], stages["NPO/finetune/gsm8k"]
+    assert [p["v_nll"] for p in strong["curve"]] == got and [p["step"] for p in strong["curve"]] == [1, 2]
+    assert strong["curve"][0]["v_nll"] != study["curve"][0]["v_nll"]           # not the study's lr
+    assert "gsm8k (ILU's environment), lr 0.02\n" in code_study.report(tmp_path, [0])
+    both = code_study.Seed(dict(cfg, tasks=["gsm8k"], attack_steps=3, attack_lr=2e-2), 0, model_for(tok, layers=2, seed=0),
+                           tok, only_gsm8k, tmp_path)
+    assert both.attack_names() == ["gsm8k@3@lr0.02"]
+    assert code_study.parse_attack("gsm8k@3@lr0.02") == ("gsm8k", 3, 0.02)
+    assert code_study.parse_attack("T") == ("T", None, None)
+    stages = both.run()
+    assert stages["NPO/finetune/gsm8k@3@lr0.02"]["curve"][:2] == strong["curve"]    # the same two steps, then one more
+    assert "gsm8k (ILU's environment), 3 steps, lr 0.02" in code_study.report(tmp_path, [0])
+
+
+def test_depth_sets_where_the_unlearning_stops(tmp_path):
+    """--depth (a lever): both variants unlearn until V's probe NLL is depth nats above the pretrained model's,
+    checked after every step; a deeper target takes more steps."""
+    tok, data, cfg = _micro()
+    runs = {}
+    for depth in (0.05, 0.3):
+        c = dict(cfg, depth=depth, max_steps=8, lr=1e-3, unlearn_only=True)      # a small lr: a step at a time
+        runs[depth] = code_study.Seed(c, 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path / str(depth)).run()
+    for depth, stages in runs.items():
+        target = stages["pretrained"]["v_nll"] + depth
+        for v in code_study.VARIANTS:
+            checks = stages[f"{v}/unlearned"]["stop_checks"]
+            assert checks[-1]["v_nll"] >= target and all(x["v_nll"] < target for x in checks[:-1])
+    assert len(runs[0.3]["NPO/unlearned"]["history"]) > len(runs[0.05]["NPO/unlearned"]["history"])
+    with pytest.raises(ilu.ILUError, match="holds a run with different depth"):
+        code_study.Seed(dict(cfg, depth=0.3, max_steps=8, lr=1e-3), 0, model_for(tok, layers=2, seed=0), tok, data, tmp_path / "0.05")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--attack-steps", "0", "--attack-steps 0: the attack needs at least one step"),
+    ("--attack-lr", "0", "--attack-lr 0.0: the attack's learning rate must be above 0"),
+    ("--depth", "-0.5", "--depth -0.5: the unlearning must raise V's NLL, by more than 0 nats")])
+def test_a_lever_out_of_range_is_one_line(tmp_path, flag, value, message):
     out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "code_study.py"),
-                          "--attack-steps", "0", "--out", str(tmp_path)], capture_output=True, text=True)
-    assert out.returncode == 2 and "--attack-steps 0: the attack needs at least one step" in out.stderr
+                          flag, value, "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and message in out.stderr
     assert "Traceback" not in out.stderr
