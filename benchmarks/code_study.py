@@ -475,7 +475,7 @@ def main():
     ap.add_argument("--compare", metavar="FILE", help="then count each saved seed's figures identical to FILE's "
                     "(benchmarks/code_study_reference.json); exit 1 unless all are")
     ap.add_argument("--save-reference", metavar="FILE", help="then write the saved seeds' stages to FILE (what "
-                    "--compare reads), beside the seeds FILE already holds")
+                    "--compare reads), beside the seeds and stages FILE already holds")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.report:
@@ -519,7 +519,8 @@ def saved(out: Path, seeds: list[int]) -> dict:
 
 def save_reference(out: Path, seeds: list[int], path: Path):
     ref = json.loads(path.read_text()) if path.exists() else {}
-    ref.update(saved(out, seeds))
+    for seed, stages in saved(out, seeds).items():     # stage by stage: a lever run elsewhere stays in FILE
+        ref.setdefault(seed, {}).update(stages)
     path.write_text(json.dumps(ref, indent=1) + "\n")
     print(f"reference: {', '.join(sorted(ref))} in {path}")
 

@@ -157,6 +157,10 @@ def test_micro_run_of_the_study_plumbing_and_resume(tmp_path):
     code_study.save_reference(tmp_path, [0], ref)
     assert code_study.compare(tmp_path, [0], ref) == 0
     data = json.loads(ref.read_text())
+    data["seed0"]["lambda 9/unlearned"] = {"v_nll": 1.0}                   # a stage saved from another folder
+    ref.write_text(json.dumps(data))
+    code_study.save_reference(tmp_path, [0], ref)                         # is kept when this folder's are saved
+    assert json.loads(ref.read_text())["seed0"]["lambda 9/unlearned"] == {"v_nll": 1.0}
     data["seed0"]["pretrained"]["v_nll"] += 1e-9
     ref.write_text(json.dumps(data))
     assert code_study.compare(tmp_path, [0], ref) == 1
