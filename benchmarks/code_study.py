@@ -195,8 +195,8 @@ class Seed:
         "task@steps", "task@lrLR" or "task@steps@lrLR"."""
         c = self.cfg
         n, lr = c.get("attack_steps"), c.get("attack_lr")
-        mods = (f"@{n}" if n and n != c["ft_steps"] else "") + (f"@lr{lr:g}" if lr and lr != c["ft_lr"] else "")
-        return [f"{t}{mods}" for t in self.data["tasks"]] if mods else [*self.data["tasks"], "T"]
+        n, lr = (n if n != c["ft_steps"] else None), (lr if lr != c["ft_lr"] else None)
+        return [attack_name(t, n, lr) for t in self.data["tasks"]] if n or lr else [*self.data["tasks"], "T"]
 
     def attack(self, name: str, state, theta_o) -> dict:
         """Fine-tune from `state` on a task (or, task "T", on T's chunks themselves: the relearning attack),
@@ -317,6 +317,11 @@ class Seed:
             if not self.cfg.get("unlearn_only"):             # ILU at this lambda attacked as the study's models are
                 self.attacks(label, self.attack_names())
         return self.results.data["stages"]
+
+
+def attack_name(task: str, steps: int | None = None, lr: float | None = None) -> str:
+    """An attack's stage name (what parse_attack reads back): "gsm8k", "gsm8k@120", "gsm8k@lr0.0001", ..."""
+    return task + (f"@{steps}" if steps else "") + (f"@lr{lr:g}" if lr else "")
 
 
 def parse_attack(name: str) -> tuple[str, int | None, float | None]:
